@@ -1,0 +1,1 @@
+../../kmod/dm-repl-uapi.h

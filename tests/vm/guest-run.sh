@@ -1,0 +1,151 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-only
+#
+# Runs INSIDE the QEMU guest that tests/vmrun.py boots; never on a host.
+#
+#   guest-run.sh test  RESULTS [-- PYTEST-ARGS...]   load modules, pytest tests/vm, unload
+#   guest-run.sh demo  RESULTS                       load modules, tests/vm/demo.sh, unload
+#   guest-run.sh bench RESULTS [-- ARGS...]          load modules, bench/run.sh, unload
+#   guest-run.sh setup                               load modules only (for `vmrun.py --shell`)
+#
+# RESULTS is a folder shared writable with the host. What lands there:
+#   console output is captured by the host (console.log); here we write
+#   insmod_rc    exit code of modprobe + insmod
+#   rc           exit code of pytest (or of the demo / bench script)
+#   rmmod_rc     exit code of `rmmod dm_repl` (non-zero: a leaked reference, a test failure)
+#   dmesg.txt    the kernel log at the end; dmesg-live.txt follows it during the run so
+#                that it survives a guest that hangs and is killed
+#   tainted-start, tainted-end   /proc/sys/kernel/tainted before and after
+#   junit.xml    pytest's report (test mode)
+#
+# Not `set -e`: whatever fails, the module must be unloaded and the results written.
+set -uo pipefail
+
+# Guard: vmrun.py puts repctl_vm=1 on the guest kernel's command line. Anywhere else this
+# script would load modules into, and unload them from, a real machine: refuse.
+if ! grep -qw 'repctl_vm=1' /proc/cmdline 2>/dev/null; then
+    echo "guest-run.sh: refusing to run: this is not the test VM (no repctl_vm=1 on the" \
+         "kernel command line). Use tests/vmrun.py or make test-vm." >&2
+    exit 2
+fi
+
+mode=${1:-test}
+shift || true
+results=${1:-/tmp/repctl-vm-results}
+shift || true
+if [ "${1:-}" = "--" ]; then
+    shift
+fi
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$repo" || exit 2
+mkdir -p "$results"
+
+export REPCTL_IN_VM=1
+export REPCTL_REPO="$repo"
+export REPCTL_VM_RESULTS="$results"
+export PYTHONDONTWRITEBYTECODE=1
+export PATH="$repo/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+ko=kmod/dm-repl.ko
+
+say() { echo "== guest: $*"; }
+kmsg() { echo "repctl-vm: $*" > /dev/kmsg 2>/dev/null || true; }
+
+load_modules() {
+    # dm-linear is part of dm-mod. brd only in test mode: bench/run.sh loads it with its
+    # own disk count and size (module parameters apply only at load time).
+    local mods=(dm-mod loop)
+    if [ "$mode" = test ]; then
+        mods+=(brd)
+    fi
+    # insmod does not resolve dependencies: load what dm-repl.ko says it needs.
+    local dep
+    for dep in $(modinfo -F depends "$ko" 2>/dev/null | tr ',' ' '); do
+        mods+=("$dep")
+    done
+    say "kernel $(uname -r); modprobe -a ${mods[*]}; insmod $ko"
+    modprobe -a "${mods[@]}" || return 1
+    insmod "$ko" || return 1
+    grep -q '^dm_repl ' /proc/modules
+}
+
+if [ "$mode" = setup ]; then
+    load_modules && say "modules loaded; venv on PATH; REPCTL_IN_VM=1 is exported in this script only"
+    exit $?
+fi
+
+# Follow the kernel log into the shared folder from the start.
+dmesg -w > "$results/dmesg-live.txt" 2>&1 &
+dmesg_pid=$!
+cat /proc/sys/kernel/tainted > "$results/tainted-start"
+# The host checks the kernel log for warnings only after this line (boot noise excluded).
+kmsg "guest-run start mode=$mode"
+
+rc=0
+load_modules
+insmod_rc=$?
+echo "$insmod_rc" > "$results/insmod_rc"
+
+if [ "$insmod_rc" -ne 0 ]; then
+    say "loading the modules failed (exit $insmod_rc): not running $mode"
+    rc=$insmod_rc
+else
+    case "$mode" in
+    test)
+        # All of tests/vm unless the arguments name test files or node ids themselves.
+        where=(tests/vm)
+        for a in "$@"; do
+            if [ "${a#-}" = "$a" ] && [ -e "${a%%::*}" ]; then
+                where=()
+                break
+            fi
+        done
+        say "pytest ${where[*]} $*"
+        python -m pytest "${where[@]}" -v -ra -p no:cacheprovider \
+            --junitxml="$results/junit.xml" "$@"
+        rc=$?
+        ;;
+    demo)
+        if [ -f tests/vm/demo.sh ]; then
+            bash tests/vm/demo.sh "$@"
+            rc=$?
+        else
+            say "no demo yet: tests/vm/demo.sh does not exist"
+            rc=2
+        fi
+        ;;
+    bench)
+        if [ -f bench/run.sh ]; then
+            bash bench/run.sh "$@"
+            rc=$?
+        else
+            say "no benchmark yet: bench/run.sh does not exist"
+            rc=2
+        fi
+        ;;
+    *)
+        say "unknown mode '$mode'"
+        rc=2
+        ;;
+    esac
+    echo "$rc" > "$results/rc"
+
+    # A module that will not unload has leaked a reference or a device: a failure.
+    rmmod dm_repl
+    rmmod_rc=$?
+    echo "$rmmod_rc" > "$results/rmmod_rc"
+    if [ "$rmmod_rc" -ne 0 ]; then
+        say "rmmod dm_repl failed (exit $rmmod_rc); what is left:"
+        grep '^dm_repl ' /proc/modules
+        dmsetup table 2>&1
+    fi
+fi
+
+kmsg "guest-run end rc=$rc"
+cat /proc/sys/kernel/tainted > "$results/tainted-end"
+dmesg > "$results/dmesg.txt" 2>&1
+kill "$dmesg_pid" 2>/dev/null
+wait "$dmesg_pid" 2>/dev/null
+say "$mode finished: exit $rc"
+exit "$rc"

@@ -1,0 +1,78 @@
+"""Domain errors of repctl.
+
+Every error that a user or a peer can cause is a `ReplError`, so the CLI and the daemon catch one base
+class at their edge and turn it into a message and an exit status (or a status line), never a traceback.
+
+    ReplError
+     +-- ConfigError          the configuration file is wrong; nothing was started
+     +-- ProtocolError        the peer's byte stream or frame order is malformed; drop the connection
+     |    +-- ConnectionClosed    the peer closed the connection cleanly between two frames
+     +-- HandshakeRefused     one side refused the other during the handshake (reason code + text)
+          +-- AuthError           ... because peer authentication failed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ReplError(Exception):
+    """Base class of every error that repctl reports to a user rather than as a bug."""
+
+
+class ConfigError(ReplError):
+    """The configuration is invalid.
+
+    Names the file, the key path inside it (``resources.r0.nodes.beta.device``), what was expected and
+    what was found, plus the line when it is known.
+    """
+
+    def __init__(
+        self,
+        file: str | Path,
+        key: str | None,
+        expected: str,
+        got: str,
+        *,
+        line: int | None = None,
+    ) -> None:
+        self.file = str(file)
+        self.key = key
+        self.expected = expected
+        self.got = got
+        self.line = line
+        where = self.file if line is None else f"{self.file}:{line}"
+        what = f"{key}: " if key else ""
+        super().__init__(f"{where}: {what}expected {expected}, got {got}")
+
+
+class ProtocolError(ReplError):
+    """The peer sent something that breaks the wire protocol (bad frame, bad order, bad payload).
+
+    The connection cannot be trusted afterwards and must be closed.
+    """
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection at a frame boundary (an orderly end, not a truncated frame)."""
+
+
+class HandshakeRefused(ReplError):
+    """The connection was refused during the handshake.
+
+    ``reason`` is the protocol's refusal code (`repctl.protocol.RefuseReason`), ``text`` the human
+    explanation. ``remote`` is True when the peer refused us (we received its REFUSE frame) and False
+    when we refused the peer (we sent REFUSE).
+    """
+
+    def __init__(self, reason: int, text: str, *, remote: bool = False) -> None:
+        self.reason = reason
+        self.text = text
+        self.remote = remote
+        name = getattr(reason, "name", str(int(reason)))
+        who = "peer refused the connection" if remote else "refused the peer"
+        super().__init__(f"{who} ({name}): {text}")
+
+
+class AuthError(HandshakeRefused):
+    """Peer authentication failed (wrong shared secret, or a peer that is not who it claims to be)."""

@@ -1,0 +1,656 @@
+"""The repctl configuration: one YAML file, the same on every node, validated completely at load time.
+
+`load_config` returns a frozen `Config` or raises `ConfigError` naming the file, the key path
+(``resources.r0.nodes.beta.device``), the line, what was expected and what was found. Nothing may run
+on a configuration that failed to load. The schema is declared as data (the ``_*_KEYS`` tables below,
+one per mapping); cross-key rules (the source is a node, targets are nodes other than the source, ports
+are unique, ...) are checked after every key parsed. docs/config.md documents every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from repctl.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/repctl/repctl.yaml")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+MIN_CHUNK_SIZE = 4 * KiB  # mirrors REPL_MIN_CHUNK_SECTORS in kmod/dm-repl-uapi.h
+MAX_CHUNK_SIZE = 1 * MiB  # mirrors REPL_MAX_CHUNK_SECTORS
+MIN_RING_SIZE = 1 * MiB
+MAX_RING_SIZE = 4 * GiB
+MIN_SECRET_BYTES = 16
+DEFAULT_MAX_LAG = 64 * MiB
+
+
+class TargetMode(StrEnum):
+    """How the source waits for a target (P4)."""
+
+    SYNC = "sync"  # a write completes only when the target has it durable
+    ASYNC = "async"  # the source never waits; past max_lag the target falls back to the bitmap
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """Settings shared by every resource of this file."""
+
+    control_socket: Path
+    state_dir: Path
+    secret_file: Path
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of a resource: where it listens and which local device holds the replica."""
+
+    name: str
+    address: str  # IP literal (normalised) or host name
+    device: Path
+    metadata: Path | None  # required on the source; a target without one cannot become the source
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node that receives the source's writes, with its replication mode."""
+
+    name: str
+    mode: TargetMode
+    max_lag: int | None  # bytes; async targets only (sync targets: None)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One replicated device: its nodes, which of them is the source, and the targets."""
+
+    name: str
+    port: int
+    chunk_size: int  # bytes, power of two
+    ring_size: int  # bytes
+    sync_timeout: float  # seconds
+    source: str
+    secret_file: Path  # the resource's own secret_file, or the global one
+    nodes: Mapping[str, Node]
+    targets: Mapping[str, Target]
+
+    @property
+    def source_node(self) -> Node:
+        return self.nodes[self.source]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration file. Compare two with ``==`` (the file name is not compared)."""
+
+    global_: GlobalConfig
+    resources: Mapping[str, Resource]
+    file: str = field(default="<string>", compare=False)
+
+    def resource(self, name: str) -> Resource:
+        """The resource called `name`; ConfigError if the file has none of that name."""
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise ConfigError(
+                self.file, "resources", f"a resource named {name!r}", _names(self.resources)
+            ) from None
+
+    def local_node(self, resource: str, hostname: str | None = None) -> Node:
+        """The node of `resource` that this machine is.
+
+        The node's name must be `hostname` (default: ``socket.gethostname()``) or its first label
+        (``alpha`` for ``alpha.example.com``). ConfigError if this host is not a node of the resource.
+        """
+        res = self.resource(resource)
+        host = hostname if hostname is not None else socket.gethostname()
+        for candidate in dict.fromkeys((host, host.split(".", 1)[0])):
+            if candidate in res.nodes:
+                return res.nodes[candidate]
+        raise ConfigError(
+            self.file,
+            f"resources.{resource}.nodes",
+            f"a node named after this host ({host!r})",
+            _names(res.nodes),
+        )
+
+    def read_secret(self, resource: str) -> bytes:
+        """The shared secret of `resource` (the file's content without trailing white space).
+
+        ConfigError if the file is missing, shorter than 16 bytes, or readable by group or others.
+        """
+        res = self.resource(resource)
+        key = f"resources.{resource}.secret_file"
+        expected = (
+            f"a secret file of at least {MIN_SECRET_BYTES} bytes, readable by its owner only "
+            "(chmod 600)"
+        )
+        path = res.secret_file
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                secret = f.read().rstrip()
+        except OSError as exc:
+            raise ConfigError(self.file, key, expected, f"{path}: {exc.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(self.file, key, expected, f"{path} with mode {stat.filemode(mode)}")
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(self.file, key, expected, f"{path} with {len(secret)} bytes")
+        return secret
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain data in the file's own schema; loading it gives an equal Config."""
+        g = self.global_
+        resources: dict[str, Any] = {}
+        for r in self.resources.values():
+            out: dict[str, Any] = {
+                "port": r.port,
+                "chunk_size": format_size(r.chunk_size),
+                "ring_size": format_size(r.ring_size),
+                "sync_timeout": format_duration(r.sync_timeout),
+                "source": r.source,
+            }
+            if r.secret_file != g.secret_file:
+                out["secret_file"] = str(r.secret_file)
+            out["nodes"] = {
+                n.name: {
+                    "address": n.address,
+                    "device": str(n.device),
+                    **({"metadata": str(n.metadata)} if n.metadata is not None else {}),
+                }
+                for n in r.nodes.values()
+            }
+            out["targets"] = {
+                t.name: {
+                    "mode": t.mode.value,
+                    **({"max_lag": format_size(t.max_lag)} if t.max_lag is not None else {}),
+                }
+                for t in r.targets.values()
+            }
+            resources[r.name] = out
+        return {
+            "global": {
+                "control_socket": str(g.control_socket),
+                "state_dir": str(g.state_dir),
+                "secret_file": str(g.secret_file),
+            },
+            "resources": resources,
+        }
+
+    def dump(self) -> str:
+        """The configuration as YAML text (see `to_dict`)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and validate the configuration file at `path`. Raises ConfigError on any defect."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, None, "a readable configuration file", exc.strerror or str(exc))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, "UTF-8 text", f"an invalid byte at offset {exc.start}")
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, file: str = "<string>") -> Config:
+    """Validate configuration `text`; `file` is the name that error messages give."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        lines = _line_map(file, root) if root is not None else {}
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        got = f"a syntax error: {exc.problem or 'unreadable'}"
+        if exc.context:
+            where = exc.context_mark
+            got += f" ({exc.context}" + (f" on line {where.line + 1})" if where else ")")
+        raise ConfigError(
+            file, None, "valid YAML", got, line=mark.line + 1 if mark else None
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, None, "valid YAML", str(exc)) from None
+    finally:
+        loader.dispose()
+    return _Validator(file, lines).config(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers: each takes the YAML value and returns the parsed value or raises _Invalid.
+# --------------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    def __init__(self, expected: str, got: str | None = None) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.got = got
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*([A-Za-z]*)")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kib": KiB,
+    "m": MiB, "mib": MiB,
+    "g": GiB, "gib": GiB,
+    "t": TiB, "tib": TiB,
+}  # fmt: skip
+_SIZE_EXPECTED = "a size such as 512, 4KiB, 64K, 1MiB or 2GiB (binary units: MiB, not MB)"
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as ``512``, ``4KiB``, ``64K``, ``1MiB``, ``2GiB``.
+
+    Units are binary (K = KiB = 1024); ``KB``/``MB`` are refused as ambiguous. Raises ValueError.
+    """
+    try:
+        return _size(value)
+    except _Invalid as exc:
+        raise ValueError(f"expected {exc.expected}, got {value!r}") from None
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool):
+        raise _Invalid(_SIZE_EXPECTED)
+    if isinstance(value, int):
+        if value < 0:
+            raise _Invalid(_SIZE_EXPECTED)
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    raise _Invalid(_SIZE_EXPECTED)
+
+
+def format_size(n: int) -> str:
+    """The shortest exact form of `n` bytes that `parse_size` reads back (``4KiB``, ``1536``)."""
+    for unit, mult in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+_DURATION_EXPECTED = "a duration such as 500ms, 5s, 2m (a bare number is seconds)"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number (seconds) or a string such as ``500ms``, ``5s``, ``1.5s``, ``2m``, ``1h``.
+
+    Raises ValueError.
+    """
+    try:
+        return _duration(value)
+    except _Invalid as exc:
+        raise ValueError(f"expected {exc.expected}, got {value!r}") from None
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise _Invalid(_DURATION_EXPECTED)
+    if isinstance(value, int | float):
+        if value < 0:
+            raise _Invalid(_DURATION_EXPECTED)
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise _Invalid(_DURATION_EXPECTED)
+
+
+def format_duration(seconds: float) -> str:
+    """A form of `seconds` that `parse_duration` reads back exactly (``5s``, ``250ms``, ``2m``)."""
+    for unit, mult in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= mult and float(seconds / mult).is_integer():
+            return f"{int(seconds / mult)}{unit}"
+    ms = seconds * 1000
+    if ms == round(ms):
+        return f"{int(round(ms))}ms"
+    return f"{seconds:.9f}".rstrip("0") + "s"
+
+
+def _bounded_size(
+    lo: int, hi: int, *, power_of_two: bool = False, multiple: int = 1
+) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        n = _size(value)
+        what = "a power of two size " if power_of_two else "a size "
+        what += f"from {format_size(lo)} to {format_size(hi)}"
+        if multiple > 1:
+            what += f", a multiple of {format_size(multiple)}"
+        if not lo <= n <= hi or n % multiple or (power_of_two and n & (n - 1)):
+            raise _Invalid(what)
+        return n
+
+    return parse
+
+
+def _positive_duration(hi: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        t = _duration(value)
+        if not 0 < t <= hi:
+            raise _Invalid(f"a duration above 0 and at most {format_duration(hi)}")
+        return t
+
+    return parse
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= 65535:
+        raise _Invalid("a TCP port number from 1024 to 65535")
+    return value
+
+
+def _abs_path(value: object) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise _Invalid("an absolute path")
+    return Path(value)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _address(value: object) -> str:
+    expected = "an IP address or a host name"
+    if not isinstance(value, str):
+        raise _Invalid(expected)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if (
+        len(value) > 253
+        or not all(_HOST_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()  # 10.0.0.256 is a mistyped address, not a host name
+    ):
+        raise _Invalid(expected)
+    return value
+
+
+_RESOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
+_RESOURCE_NAME_EXPECTED = "a resource name (letters, digits, '-', '_'; at most 63)"
+_NODE_NAME_EXPECTED = "a node name (the host's name: letters, digits, '-', '_', '.')"
+
+
+def _node_name(value: object) -> str:
+    if not isinstance(value, str) or not _NODE_NAME.fullmatch(value):
+        raise _Invalid(_NODE_NAME_EXPECTED)
+    return value
+
+
+def _mode(value: object) -> TargetMode:
+    try:
+        return TargetMode(value)
+    except ValueError:
+        raise _Invalid("a mode: sync or async") from None
+
+
+def _mapping(value: object) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid("a mapping")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The schema: one table per mapping of the file. A key is required when it has no default.
+# Nested mappings (resources, nodes, targets) are handled by the validator.
+# --------------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Key:
+    parse: Callable[[object], Any]
+    default: Any = _REQUIRED
+
+
+_GLOBAL_KEYS = {
+    "control_socket": _Key(_abs_path, Path("/run/repctl/repctl.sock")),
+    "state_dir": _Key(_abs_path, Path("/var/lib/repctl")),
+    "secret_file": _Key(_abs_path, Path("/etc/repctl/secret")),
+}
+
+_RESOURCE_KEYS = {
+    "port": _Key(_port),
+    "chunk_size": _Key(_bounded_size(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE, power_of_two=True), 4 * KiB),
+    "ring_size": _Key(_bounded_size(MIN_RING_SIZE, MAX_RING_SIZE, multiple=4 * KiB), 32 * MiB),
+    "sync_timeout": _Key(_positive_duration(3600.0), 5.0),
+    "source": _Key(_node_name),
+    "secret_file": _Key(_abs_path, None),
+    "nodes": _Key(_mapping),
+    "targets": _Key(_mapping),
+}
+
+_NODE_KEYS = {
+    "address": _Key(_address),
+    "device": _Key(_abs_path),
+    "metadata": _Key(_abs_path, None),
+}
+
+_TARGET_KEYS = {
+    "mode": _Key(_mode),
+    "max_lag": _Key(_bounded_size(1 * MiB, 1 * TiB), None),
+}
+
+_TOP_KEYS = {
+    "global": _Key(lambda value: {} if value is None else value, {}),  # checked by section()
+    "resources": _Key(_mapping),
+}
+
+
+class _Validator:
+    """Turns the loaded YAML data into a Config, raising ConfigError at the first defect."""
+
+    def __init__(self, file: str, lines: dict[tuple[str, ...], int]) -> None:
+        self.file = file
+        self.lines = lines
+
+    def error(self, path: tuple[str, ...], expected: str, got: str) -> ConfigError:
+        line = None
+        for i in range(len(path), -1, -1):
+            line = self.lines.get(path[:i])
+            if line is not None:
+                break
+        return ConfigError(self.file, ".".join(path) or None, expected, got, line=line)
+
+    def section(
+        self, value: object, path: tuple[str, ...], keys: dict[str, _Key]
+    ) -> dict[str, Any]:
+        """Parse mapping `value` against `keys`: unknown keys, missing keys and bad values fail."""
+        if not isinstance(value, dict):
+            raise self.error(path, f"a mapping with keys {', '.join(keys)}", _show(value))
+        for k in value:
+            if k not in keys:
+                hint = difflib.get_close_matches(str(k), keys, n=1)
+                got = f"unknown key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                raise self.error(path + (str(k),), f"one of the keys {', '.join(keys)}", got)
+        out = {}
+        for k, spec in keys.items():
+            if k not in value:
+                if spec.default is _REQUIRED:
+                    raise self.error(path + (k,), f"the required key {k!r}", "nothing")
+                out[k] = spec.default
+                continue
+            try:
+                out[k] = spec.parse(value[k])
+            except _Invalid as exc:
+                raise self.error(path + (k,), exc.expected, exc.got or _show(value[k])) from None
+        return out
+
+    def named(
+        self, value: dict[Any, Any], path: tuple[str, ...], name_re: re.Pattern[str], what: str,
+        noun: str,
+    ) -> Iterator[tuple[str, tuple[str, ...], object]]:
+        """Iterate a mapping of names (resources, nodes, targets), checking that each key is a name."""
+        if not value:
+            raise self.error(path, f"at least one {noun}", "an empty mapping")
+        for k, v in value.items():
+            if not isinstance(k, str) or not name_re.fullmatch(k):
+                got = _show(k)
+                if not isinstance(k, str):
+                    got += " (quote it: YAML reads some bare words as numbers or booleans)"
+                raise self.error(path + (str(k),), what, got)
+            yield k, path + (k,), v
+
+    def config(self, data: object) -> Config:
+        top = self.section(data if data is not None else {}, (), _TOP_KEYS)
+        g = self.section(top["global"], ("global",), _GLOBAL_KEYS)
+        glob = GlobalConfig(**g)
+        resources: dict[str, Resource] = {}
+        ports: dict[int, str] = {}
+        for name, path, value in self.named(
+            top["resources"], ("resources",), _RESOURCE_NAME, _RESOURCE_NAME_EXPECTED, "resource"
+        ):
+            res = self.resource(name, path, value, glob)
+            if res.port in ports:
+                raise self.error(
+                    path + ("port",),
+                    f"a port that no other resource uses ({ports[res.port]} uses {res.port})",
+                    str(res.port),
+                )
+            ports[res.port] = name
+            resources[name] = res
+        return Config(glob, MappingProxyType(resources), self.file)
+
+    def resource(
+        self, name: str, path: tuple[str, ...], value: object, glob: GlobalConfig
+    ) -> Resource:
+        r = self.section(value, path, _RESOURCE_KEYS)
+
+        nodes: dict[str, Node] = {}
+        addresses: dict[str, str] = {}
+        for nname, npath, nvalue in self.named(
+            r["nodes"], path + ("nodes",), _NODE_NAME, _NODE_NAME_EXPECTED, "node"
+        ):
+            n = self.section(nvalue, npath, _NODE_KEYS)
+            if n["address"] in addresses:
+                raise self.error(
+                    npath + ("address",),
+                    f"an address no other node of {name} has ({addresses[n['address']]} has it)",
+                    repr(n["address"]),
+                )
+            addresses[n["address"]] = nname
+            nodes[nname] = Node(nname, n["address"], n["device"], n["metadata"])
+
+        source = r["source"]
+        if source not in nodes:
+            raise self.error(
+                path + ("source",), f"one of the nodes of {name} ({', '.join(nodes)})", repr(source)
+            )
+        if nodes[source].metadata is None:
+            raise self.error(
+                path + ("nodes", source, "metadata"),
+                "a metadata device path (the source node needs one for its dirty bitmap)",
+                "nothing",
+            )
+
+        targets: dict[str, Target] = {}
+        for tname, tpath, tvalue in self.named(
+            r["targets"], path + ("targets",), _NODE_NAME, _NODE_NAME_EXPECTED, "target"
+        ):
+            if tname not in nodes:
+                raise self.error(
+                    tpath, f"a node of {name} ({', '.join(nodes)})", f"{tname!r}, not a node"
+                )
+            if tname == source:
+                raise self.error(
+                    tpath, f"a node other than the source {source!r}", f"the source {tname!r}"
+                )
+            t = self.section(tvalue, tpath, _TARGET_KEYS)
+            max_lag = t["max_lag"]
+            if t["mode"] is TargetMode.SYNC and max_lag is not None:
+                raise self.error(
+                    tpath + ("max_lag",),
+                    "no max_lag on a sync target (it never lags; see sync_timeout)",
+                    repr(tvalue["max_lag"]),  # type: ignore[index]
+                )
+            if t["mode"] is TargetMode.ASYNC and max_lag is None:
+                max_lag = DEFAULT_MAX_LAG
+            targets[tname] = Target(tname, t["mode"], max_lag)
+
+        return Resource(
+            name=name,
+            port=r["port"],
+            chunk_size=r["chunk_size"],
+            ring_size=r["ring_size"],
+            sync_timeout=r["sync_timeout"],
+            source=source,
+            secret_file=r["secret_file"] or glob.secret_file,
+            nodes=MappingProxyType(nodes),
+            targets=MappingProxyType(targets),
+        )
+
+
+def _line_map(file: str, root: yaml.Node) -> dict[tuple[str, ...], int]:
+    """Line (1-based) of each key path of the YAML node tree; refuses duplicate keys."""
+    lines: dict[tuple[str, ...], int] = {(): root.start_mark.line + 1}
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:  # an alias: already walked
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for knode, vnode in node.value:
+                if not isinstance(knode, yaml.ScalarNode) or knode.value == "<<":
+                    continue
+                line = knode.start_mark.line + 1
+                if knode.value in first:
+                    key = ".".join(path + (knode.value,))
+                    raise ConfigError(
+                        file, key, "each key once in its mapping",
+                        f"{knode.value!r} again (first on line {first[knode.value]})", line=line,
+                    )  # fmt: skip
+                first[knode.value] = line
+                lines[path + (knode.value,)] = line
+                stack.append((vnode, path + (knode.value,)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines.setdefault(path + (str(i),), item.start_mark.line + 1)
+                stack.append((item, path + (str(i),)))
+    return lines
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    if isinstance(value, dict):
+        text = "a mapping"
+    elif isinstance(value, list):
+        text = "a list"
+    elif value is None:
+        text = "nothing"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _names(mapping: Mapping[str, object]) -> str:
+    return ", ".join(mapping) if mapping else "none"

@@ -43,6 +43,8 @@ RESULTS = {
     "bench": REPO / "build" / "bench-results",
 }
 MEMORY = {"test": "2G", "demo": "2G", "bench": "4G"}
+# What the guest runs instead of pytest in --demo and --bench (written by their owners).
+SCRIPTS = {"demo": REPO / "tests" / "vm" / "demo.sh", "bench": REPO / "bench" / "run.sh"}
 
 EXIT_SKIP = 77
 DEFAULT_TIMEOUT = 20 * 60
@@ -192,6 +194,14 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+class Interrupted(Exception):
+    """vmrun.py got SIGTERM or SIGHUP: QEMU runs in its own session, so stop it ourselves."""
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def run_streaming(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, bool]:
     """Run cmd, copying its output live to stdout and to log. Returns (exit code, timed out)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -210,14 +220,16 @@ def run_streaming(cmd: list[str], env: dict[str, str], log: Path, timeout: float
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     timed_out = False
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
         say(f"TIMEOUT: the VM ran longer than {timeout:.0f} s; killing QEMU")
         stop_group(proc)
-    except KeyboardInterrupt:
-        say("interrupted; killing QEMU")
+    except (KeyboardInterrupt, Interrupted) as e:
+        say(f"interrupted ({type(e).__name__} {e}); killing QEMU")
         stop_group(proc)
         raise
     reader.join(timeout=10)
@@ -341,8 +353,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                       help="run bench/run.sh in the VM (default memory 4G)")
     mode.add_argument("--shell", action="store_const", dest="mode", const="shell",
                       help="interactive shell in the VM (then: bash tests/vm/guest-run.sh setup)")
-    mode.add_argument("--preflight", action="store_true",
-                      help="only check that the VM can boot here (77: skip) and clear old results")
+    p.add_argument("--preflight", action="store_true",
+                   help="only check that the VM can boot here (77: skip) and clear old results")
     mode.add_argument("--report", nargs="+", metavar="JUNIT",
                       help="print one total line over these junit files and exit")
     p.add_argument("-k", metavar="EXPR", help="pytest -k EXPR")
@@ -446,6 +458,11 @@ def main(argv: list[str]) -> int:
                 f"rebuild with `make module KVER={kver}` or pass --kver {built_for}")
             return 1
 
+    script = SCRIPTS.get(mode)
+    if script is not None and not script.is_file():
+        say(f"{rel(script)} does not exist yet: nothing to run for --{mode}")
+        return 1
+
     memory = args.memory or MEMORY.get(mode, "2G")
 
     if mode == "shell":
@@ -488,4 +505,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (KeyboardInterrupt, Interrupted):
+        sys.exit(130)

@@ -170,3 +170,9 @@ def test_results_folder_in_use_gets_its_own(monkeypatch, tmp_path: Path) -> None
         fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
         got = vmrun.claim_results(wanted)
     assert got == wanted.with_name(f"vm-results-{os.getpid()}")
+
+
+@pytest.mark.parametrize("mode", ["--demo", "--bench"])
+def test_preflight_combines_with_modes(mode: str) -> None:
+    args, _ = vmrun.parse_args(["--preflight", mode])
+    assert args.preflight and args.mode == mode[2:]

@@ -71,8 +71,10 @@ load_modules() {
 }
 
 if [ "$mode" = setup ]; then
-    load_modules && say "modules loaded; venv on PATH; REPCTL_IN_VM=1 is exported in this script only"
-    exit $?
+    load_modules || exit 1
+    say "modules loaded. VM tests from this shell:"
+    say "  REPCTL_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m pytest -p no:cacheprovider tests/vm -k ..."
+    exit 0
 fi
 
 # Follow the kernel log into the shared folder from the start.

@@ -1,10 +1,11 @@
-"""The repctl configuration: one YAML file, the same on every node, validated completely at load time.
+"""The repctl configuration: one YAML file, the same on every node, validated at load time.
 
 `load_config` returns a frozen `Config` or raises `ConfigError` naming the file, the key path
-(``resources.r0.nodes.beta.device``), the line, what was expected and what was found. Nothing may run
-on a configuration that failed to load. The schema is declared as data (the ``_*_KEYS`` tables below,
-one per mapping); cross-key rules (the source is a node, targets are nodes other than the source, ports
-are unique, ...) are checked after every key parsed. docs/config.md documents every key.
+(``resources.r0.nodes.beta.device``), the line, what was expected and what was found. Nothing may
+run on a configuration that failed to load. The schema is declared as data (the ``_*_KEYS`` tables
+below, one per mapping); cross-key rules (the source is a node, targets are nodes other than the
+source, ports are unique, ...) are checked after every key parsed. docs/config.md documents every
+key.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class Config:
         """The node of `resource` that this machine is.
 
         The node's name must be `hostname` (default: ``socket.gethostname()``) or its first label
-        (``alpha`` for ``alpha.example.com``). ConfigError if this host is not a node of the resource.
+        (``alpha`` for ``alpha.example.com``). ConfigError if this host is not a node of the
+        resource.
         """
         res = self.resource(resource)
         host = hostname if hostname is not None else socket.gethostname()
@@ -155,7 +157,8 @@ class Config:
         return secret
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as plain data in the file's own schema; loading it gives an equal Config."""
+        """The configuration as plain data in the file's own schema; loading it gives an equal
+        Config."""
         g = self.global_
         resources: dict[str, Any] = {}
         for r in self.resources.values():
@@ -208,9 +211,13 @@ def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(path, None, "a readable configuration file", exc.strerror or str(exc))
+        raise ConfigError(
+            path, None, "a readable configuration file", exc.strerror or str(exc)
+        ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, None, "UTF-8 text", f"an invalid byte at offset {exc.start}")
+        raise ConfigError(
+            path, None, "UTF-8 text", f"an invalid byte at offset {exc.start}"
+        ) from None
     return parse_config(text, str(path))
 
 
@@ -251,12 +258,17 @@ class _Invalid(Exception):
 
 _SIZE_RE = re.compile(r"(\d+)\s*([A-Za-z]*)")
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": KiB, "kib": KiB,
-    "m": MiB, "mib": MiB,
-    "g": GiB, "gib": GiB,
-    "t": TiB, "tib": TiB,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gib": GiB,
+    "t": TiB,
+    "tib": TiB,
+}
 _SIZE_EXPECTED = "a size such as 512, 4KiB, 64K, 1MiB or 2GiB (binary units: MiB, not MB)"
 
 
@@ -299,7 +311,7 @@ _DURATION_EXPECTED = "a duration such as 500ms, 5s, 2m (a bare number is seconds
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number (seconds) or a string such as ``500ms``, ``5s``, ``1.5s``, ``2m``, ``1h``.
+    """Seconds from a number (seconds) or a string such as ``500ms``, ``5s``, ``1.5s``, ``2m``.
 
     Raises ValueError.
     """
@@ -330,7 +342,7 @@ def format_duration(seconds: float) -> str:
             return f"{int(seconds / mult)}{unit}"
     ms = seconds * 1000
     if ms == round(ms):
-        return f"{int(round(ms))}ms"
+        return f"{round(ms)}ms"
     return f"{seconds:.9f}".rstrip("0") + "s"
 
 
@@ -406,10 +418,9 @@ def _node_name(value: object) -> str:
 
 
 def _mode(value: object) -> TargetMode:
-    try:
+    if isinstance(value, str) and value in {m.value for m in TargetMode}:
         return TargetMode(value)
-    except ValueError:
-        raise _Invalid("a mode: sync or async") from None
+    raise _Invalid("a mode: sync or async")
 
 
 def _mapping(value: object) -> dict[Any, Any]:
@@ -491,25 +502,29 @@ class _Validator:
             if k not in keys:
                 hint = difflib.get_close_matches(str(k), keys, n=1)
                 got = f"unknown key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                raise self.error(path + (str(k),), f"one of the keys {', '.join(keys)}", got)
+                raise self.error((*path, str(k)), f"one of the keys {', '.join(keys)}", got)
         out = {}
         for k, spec in keys.items():
             if k not in value:
                 if spec.default is _REQUIRED:
-                    raise self.error(path + (k,), f"the required key {k!r}", "nothing")
+                    raise self.error((*path, k), f"the required key {k!r}", "nothing")
                 out[k] = spec.default
                 continue
             try:
                 out[k] = spec.parse(value[k])
             except _Invalid as exc:
-                raise self.error(path + (k,), exc.expected, exc.got or _show(value[k])) from None
+                raise self.error((*path, k), exc.expected, exc.got or _show(value[k])) from None
         return out
 
     def named(
-        self, value: dict[Any, Any], path: tuple[str, ...], name_re: re.Pattern[str], what: str,
+        self,
+        value: dict[Any, Any],
+        path: tuple[str, ...],
+        name_re: re.Pattern[str],
+        what: str,
         noun: str,
     ) -> Iterator[tuple[str, tuple[str, ...], object]]:
-        """Iterate a mapping of names (resources, nodes, targets), checking that each key is a name."""
+        """Iterate a mapping of names (resources, nodes, targets), checking each key is a name."""
         if not value:
             raise self.error(path, f"at least one {noun}", "an empty mapping")
         for k, v in value.items():
@@ -517,8 +532,8 @@ class _Validator:
                 got = _show(k)
                 if not isinstance(k, str):
                     got += " (quote it: YAML reads some bare words as numbers or booleans)"
-                raise self.error(path + (str(k),), what, got)
-            yield k, path + (k,), v
+                raise self.error((*path, str(k)), what, got)
+            yield k, (*path, k), v
 
     def config(self, data: object) -> Config:
         top = self.section(data if data is not None else {}, (), _TOP_KEYS)
@@ -532,7 +547,7 @@ class _Validator:
             res = self.resource(name, path, value, glob)
             if res.port in ports:
                 raise self.error(
-                    path + ("port",),
+                    (*path, "port"),
                     f"a port that no other resource uses ({ports[res.port]} uses {res.port})",
                     str(res.port),
                 )
@@ -548,12 +563,12 @@ class _Validator:
         nodes: dict[str, Node] = {}
         addresses: dict[str, str] = {}
         for nname, npath, nvalue in self.named(
-            r["nodes"], path + ("nodes",), _NODE_NAME, _NODE_NAME_EXPECTED, "node"
+            r["nodes"], (*path, "nodes"), _NODE_NAME, _NODE_NAME_EXPECTED, "node"
         ):
             n = self.section(nvalue, npath, _NODE_KEYS)
             if n["address"] in addresses:
                 raise self.error(
-                    npath + ("address",),
+                    (*npath, "address"),
                     f"an address no other node of {name} has ({addresses[n['address']]} has it)",
                     repr(n["address"]),
                 )
@@ -563,18 +578,18 @@ class _Validator:
         source = r["source"]
         if source not in nodes:
             raise self.error(
-                path + ("source",), f"one of the nodes of {name} ({', '.join(nodes)})", repr(source)
+                (*path, "source"), f"one of the nodes of {name} ({', '.join(nodes)})", repr(source)
             )
         if nodes[source].metadata is None:
             raise self.error(
-                path + ("nodes", source, "metadata"),
+                (*path, "nodes", source, "metadata"),
                 "a metadata device path (the source node needs one for its dirty bitmap)",
                 "nothing",
             )
 
         targets: dict[str, Target] = {}
         for tname, tpath, tvalue in self.named(
-            r["targets"], path + ("targets",), _NODE_NAME, _NODE_NAME_EXPECTED, "target"
+            r["targets"], (*path, "targets"), _NODE_NAME, _NODE_NAME_EXPECTED, "target"
         ):
             if tname not in nodes:
                 raise self.error(
@@ -588,7 +603,7 @@ class _Validator:
             max_lag = t["max_lag"]
             if t["mode"] is TargetMode.SYNC and max_lag is not None:
                 raise self.error(
-                    tpath + ("max_lag",),
+                    (*tpath, "max_lag"),
                     "no max_lag on a sync target (it never lags; see sync_timeout)",
                     repr(tvalue["max_lag"]),  # type: ignore[index]
                 )
@@ -626,18 +641,21 @@ def _line_map(file: str, root: yaml.Node) -> dict[tuple[str, ...], int]:
                     continue
                 line = knode.start_mark.line + 1
                 if knode.value in first:
-                    key = ".".join(path + (knode.value,))
+                    key = ".".join((*path, knode.value))
                     raise ConfigError(
-                        file, key, "each key once in its mapping",
-                        f"{knode.value!r} again (first on line {first[knode.value]})", line=line,
-                    )  # fmt: skip
+                        file,
+                        key,
+                        "each key once in its mapping",
+                        f"{knode.value!r} again (first on line {first[knode.value]})",
+                        line=line,
+                    )
                 first[knode.value] = line
-                lines[path + (knode.value,)] = line
-                stack.append((vnode, path + (knode.value,)))
+                lines[(*path, knode.value)] = line
+                stack.append((vnode, (*path, knode.value)))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                lines.setdefault(path + (str(i),), item.start_mark.line + 1)
-                stack.append((item, path + (str(i),)))
+                lines.setdefault((*path, str(i)), item.start_mark.line + 1)
+                stack.append((item, (*path, str(i))))
     return lines
 
 

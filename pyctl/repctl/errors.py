@@ -1,11 +1,12 @@
 """Domain errors of repctl.
 
-Every error that a user or a peer can cause is a `ReplError`, so the CLI and the daemon catch one base
-class at their edge and turn it into a message and an exit status (or a status line), never a traceback.
+Every error that a user or a peer can cause is a `ReplError`, so the CLI and the daemon catch one
+base class at their edge and turn it into a message and an exit status (or a status line), never a
+traceback.
 
     ReplError
      +-- ConfigError          the configuration file is wrong; nothing was started
-     +-- ProtocolError        the peer's byte stream or frame order is malformed; drop the connection
+     +-- ProtocolError        the peer's bytes or frame order are malformed: drop the connection
      |    +-- ConnectionClosed    the peer closed the connection cleanly between two frames
      +-- HandshakeRefused     one side refused the other during the handshake (reason code + text)
           +-- AuthError           ... because peer authentication failed
@@ -23,8 +24,8 @@ class ReplError(Exception):
 class ConfigError(ReplError):
     """The configuration is invalid.
 
-    Names the file, the key path inside it (``resources.r0.nodes.beta.device``), what was expected and
-    what was found, plus the line when it is known.
+    Names the file, the key path inside it (``resources.r0.nodes.beta.device``), what was expected
+    and what was found, plus the line when it is known.
     """
 
     def __init__(
@@ -54,15 +55,15 @@ class ProtocolError(ReplError):
 
 
 class ConnectionClosed(ProtocolError):
-    """The peer closed the connection at a frame boundary (an orderly end, not a truncated frame)."""
+    """The peer closed the connection between two frames (an orderly end, not a truncation)."""
 
 
 class HandshakeRefused(ReplError):
     """The connection was refused during the handshake.
 
     ``reason`` is the protocol's refusal code (`repctl.protocol.RefuseReason`), ``text`` the human
-    explanation. ``remote`` is True when the peer refused us (we received its REFUSE frame) and False
-    when we refused the peer (we sent REFUSE).
+    explanation. ``remote`` is True when the peer refused us (we received its REFUSE frame) and
+    False when we refused the peer (we sent REFUSE).
     """
 
     def __init__(self, reason: int, text: str, *, remote: bool = False) -> None:
@@ -75,4 +76,4 @@ class HandshakeRefused(ReplError):
 
 
 class AuthError(HandshakeRefused):
-    """Peer authentication failed (wrong shared secret, or a peer that is not who it claims to be)."""
+    """Peer authentication failed (another shared secret, or a peer not who it claims to be)."""

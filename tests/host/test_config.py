@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from repctl import config as c
 from repctl.errors import ConfigError
 
@@ -31,12 +30,18 @@ VALID: dict[str, Any] = {
             "sync_timeout": "5s",
             "source": "alpha",
             "nodes": {
-                "alpha": {"address": "10.0.0.1", "device": "/dev/vg0/data",
-                          "metadata": "/dev/vg0/data-md"},
-                "beta": {"address": "10.0.0.2", "device": "/dev/vg0/data",
-                         "metadata": "/dev/vg0/data-md"},
+                "alpha": {
+                    "address": "10.0.0.1",
+                    "device": "/dev/vg0/data",
+                    "metadata": "/dev/vg0/data-md",
+                },
+                "beta": {
+                    "address": "10.0.0.2",
+                    "device": "/dev/vg0/data",
+                    "metadata": "/dev/vg0/data-md",
+                },
                 "gamma": {"address": "backup.example.com", "device": "/srv/backup/r0.img"},
-            },  # fmt: skip
+            },
             "targets": {"beta": {"mode": "sync"}, "gamma": {"mode": "async", "max_lag": "256MiB"}},
         },
     },
@@ -63,7 +68,9 @@ def test_valid_config_loads():
     assert r0.port == 7789 and r0.chunk_size == 4096 and r0.ring_size == 32 << 20
     assert r0.sync_timeout == 5.0 and r0.source == "alpha"
     assert r0.source_node.metadata == Path("/dev/vg0/data-md")
-    assert r0.nodes["gamma"] == c.Node("gamma", "backup.example.com", Path("/srv/backup/r0.img"), None)
+    assert r0.nodes["gamma"] == c.Node(
+        "gamma", "backup.example.com", Path("/srv/backup/r0.img"), None
+    )
     assert r0.targets["beta"] == c.Target("beta", c.TargetMode.SYNC, None)
     assert r0.targets["gamma"] == c.Target("gamma", c.TargetMode.ASYNC, 256 << 20)
     assert r0.secret_file == Path("/etc/repctl/secret")
@@ -138,19 +145,23 @@ CASES = [
     ("port type", _set(f"{R0}.port", "7789"), f"{R0}.port", "TCP port number"),
     ("port range", _set(f"{R0}.port", 80), f"{R0}.port", "from 1024 to 65535, got 80"),
     ("port is no bool", _set(f"{R0}.port", True), f"{R0}.port", "got True"),
-    ("unknown key", _set(f"{R0}.prot", 1), f"{R0}.prot", "unknown key 'prot' (did you mean 'port'?)"),
+    ("unknown key", _set(f"{R0}.prot", 1), f"{R0}.prot",
+     "unknown key 'prot' (did you mean 'port'?)"),
     ("unknown node key", _set(f"{R0}.nodes.beta.disk", "/dev/sdb"), f"{R0}.nodes.beta.disk",
      "unknown key 'disk'"),
-    ("unknown global key", _set("global.statedir", "/x"), "global.statedir", "did you mean 'state_dir'"),
+    ("unknown global key", _set("global.statedir", "/x"), "global.statedir",
+     "did you mean 'state_dir'"),
     ("unknown top key", _set("resource", {}), "resource", "did you mean 'resources'"),
-    ("missing port", _set(f"{R0}.port", _DELETE), f"{R0}.port", "the required key 'port', got nothing"),
+    ("missing port", _set(f"{R0}.port", _DELETE), f"{R0}.port",
+     "the required key 'port', got nothing"),
     ("missing device", _set(f"{R0}.nodes.beta.device", _DELETE), f"{R0}.nodes.beta.device",
      "required key 'device'"),
     ("missing resources", _set("resources", _DELETE), "resources", "required key"),
     ("no resources", _set("resources", {}), "resources", "at least one resource"),
     ("bad size", _set(f"{R0}.ring_size", "32MB"), f"{R0}.ring_size", "MiB, not MB"),
     ("size type", _set(f"{R0}.ring_size", [32]), f"{R0}.ring_size", "got a list"),
-    ("ring size range", _set(f"{R0}.ring_size", "64K"), f"{R0}.ring_size", "a size from 1MiB to 4GiB"),
+    ("ring size range", _set(f"{R0}.ring_size", "64K"), f"{R0}.ring_size",
+     "a size from 1MiB to 4GiB"),
     ("chunk not power of two", _set(f"{R0}.chunk_size", "12KiB"), f"{R0}.chunk_size",
      "a power of two size from 4KiB to 1MiB"),
     ("chunk too big", _set(f"{R0}.chunk_size", "2MiB"), f"{R0}.chunk_size", "got '2MiB'"),
@@ -192,7 +203,9 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("change", "key", "text"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("change", "key", "text"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_each_defect_names_file_key_and_expectation(tmp_path, change, key, text):
     data = copy.deepcopy(VALID)
     change(data)
@@ -200,7 +213,9 @@ def test_each_defect_names_file_key_and_expectation(tmp_path, change, key, text)
     assert error.key == key
     assert f": {key}: expected " in str(error)
     assert text in str(error)
-    assert error.line is not None and re.match(rf"{re.escape(str(tmp_path))}/repctl.yaml:\d+: ", str(error))
+    assert error.line is not None and re.match(
+        rf"{re.escape(str(tmp_path))}/repctl.yaml:\d+: ", str(error)
+    )
 
 
 def test_port_unique_across_resources(tmp_path):
@@ -247,7 +262,7 @@ def test_empty_file_and_non_mapping(tmp_path):
 
 
 def test_missing_file():
-    with pytest.raises(ConfigError, match="/nonexistent/repctl.yaml: expected a readable"):
+    with pytest.raises(ConfigError, match=r"/nonexistent/repctl\.yaml: expected a readable"):
         c.load_config("/nonexistent/repctl.yaml")
 
 

@@ -766,7 +766,8 @@ class DMControl:
     def resume(self, name: str) -> int:
         """Resume `name`, first making its inactive table live if there is one.
 
-        Returns the device's event number afterwards.
+        Returns the device's event number, which a resume does not change (no event: a
+        waiter in :meth:`wait_event` sleeps on).
         """
         return self._call(Cmd.DEV_SUSPEND, "resume", name, with_log=True).info.event_nr
 

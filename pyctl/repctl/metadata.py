@@ -116,10 +116,24 @@ def build_superblock(data_sectors: int, chunk_sectors: int, uuid: str | None = N
     return bytes(block)
 
 
+def _read_uncached(path: str | Path, offset: int, length: int) -> bytes:
+    """Read what is on the device, not what this host's page cache remembers.
+
+    The kernel target writes its metadata with bios that bypass the block
+    device's page cache, so a buffered read could return stale bytes.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
 def read_superblock(path: str | Path) -> Superblock | None:
     """Read and validate block 0 of a metadata device (None if unformatted)."""
-    with open(path, "rb") as f:
-        block = f.read(BLOCK)
+    block = _read_uncached(path, 0, BLOCK)
     if len(block) < BLOCK:
         raise MetadataError(f"{path}: too small to hold a superblock")
     try:
@@ -143,8 +157,7 @@ def format_metadata(path: str | Path, data_sectors: int,
         raise MetadataError(f"{path}: metadata device holds {have} bytes, needs {need} "
                             f"for {data_sectors * 512} bytes of data in {chunk_sectors * 512}-byte chunks")
     if not force:
-        with open(path, "rb") as f:
-            first = f.read(BLOCK)
+        first = _read_uncached(path, 0, BLOCK)
         if any(first):
             try:
                 existing = parse_superblock(first)
@@ -177,7 +190,4 @@ def read_bitmap(path: str | Path) -> tuple[Superblock, bytes]:
     sb = read_superblock(path)
     if sb is None:
         raise MetadataError(f"{path}: not formatted")
-    with open(path, "rb") as f:
-        f.seek(BLOCK * uapi.REPL_BITMAP_START_BLOCK)
-        data = f.read(-(-sb.nr_chunks // 8))
-    return sb, data
+    return sb, _read_uncached(path, BLOCK * uapi.REPL_BITMAP_START_BLOCK, -(-sb.nr_chunks // 8))

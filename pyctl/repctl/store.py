@@ -1,0 +1,139 @@
+"""Where a target keeps its copy: a block device or a regular image file.
+
+One small abstract class and two backends (as Patroni's DCS backends): the
+daemon's receiver and the tests' replay apply ring records through it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from repctl.errors import ReplError
+
+# linux/fs.h
+BLKGETSIZE64 = 0x80081272
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+SECTOR = 512
+
+
+class StoreError(ReplError):
+    """The target's backing store cannot be opened or written."""
+
+
+class Store(ABC):
+    """A byte-addressed copy of the replicated device."""
+
+    def __init__(self, path: str | Path, fd: int):
+        self.path = str(path)
+        self.fd = fd
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Size in bytes."""
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    @abstractmethod
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate; reads of the range return zeros afterwards."""
+
+    @abstractmethod
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros."""
+
+    def apply(self, op: str, sector: int, length: int, data: memoryview | bytes, fua: bool) -> None:
+        """Apply one ring record (op names as in repctl.uapi.OP_NAMES)."""
+        offset = sector * SECTOR
+        if op == "write":
+            self.write(offset, data)
+        elif op == "flush":
+            self.flush()
+        elif op == "discard":
+            self.discard(offset, length)
+        elif op == "write_zeroes":
+            self.write_zeroes(offset, length)
+        else:
+            raise StoreError(f"{self.path}: unknown record op {op!r}")
+        if fua and op != "flush":
+            self.flush()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BlockStore(Store):
+    """A block device: discard and zeroing through the block layer's ioctls."""
+
+    @property
+    def size(self) -> int:
+        buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("Q", buf)[0]
+
+    def _range_ioctl(self, req: int, offset: int, length: int) -> None:
+        fcntl.ioctl(self.fd, req, struct.pack("QQ", offset, length))
+
+    def discard(self, offset: int, length: int) -> None:
+        # a discard is only a hint; zeroing keeps the copy byte-identical
+        # with a source whose discarded blocks read back as zeros
+        self.write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._range_ioctl(BLKZEROOUT, offset, length)
+
+
+class FileStore(Store):
+    """A regular image file (disk-to-disk backup): holes for discards."""
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE would be cheaper; writing
+        # zeros is portable and keeps the same bytes
+        zero = bytes(min(length, 1 << 20))
+        done = 0
+        while done < length:
+            n = min(len(zero), length - done)
+            self.write(offset + done, zero[:n])
+            done += n
+
+
+def open_store(path: str | Path, *, size: int | None = None) -> Store:
+    """Open a block device or an image file (created with ``size`` if missing)."""
+    try:
+        if size is not None and not os.path.exists(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, size)
+            return FileStore(path, fd)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot open: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISBLK(mode):
+        return BlockStore(path, fd)
+    if stat.S_ISREG(mode):
+        return FileStore(path, fd)
+    os.close(fd)
+    raise StoreError(f"{path}: neither a block device nor a regular file")

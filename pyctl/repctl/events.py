@@ -8,7 +8,8 @@ anything that is not the consumer (``repctl events``, monitoring) to hear them.
 
 from __future__ import annotations
 
-import select
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,31 +28,62 @@ class ModeEvent:
 
 
 class UeventWatcher:
-    """Receive dm-repl mode events from the kernel's uevent netlink group."""
+    """Receive dm-repl mode events from the kernel's uevent netlink group.
+
+    pyroute2 reads ahead and keeps messages in its own buffer, and its
+    synchronous socket only works in the thread that made it: so one reader
+    thread owns the socket and feeds a queue.
+    """
 
     def __init__(self) -> None:
-        self._sock = UeventSocket()
-        self._sock.bind(MONITOR_GROUP_KERNEL)
+        self._queue: queue.Queue[ModeEvent] = queue.Queue()
+        self._closed = False
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, name="uevents", daemon=True)
+        self._reader.start()
+        self._bound.wait(10)
+        if self._error:
+            raise self._error
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
+    def _read(self) -> None:
+        try:
+            self._sock = UeventSocket()
+            self._sock.bind(MONITOR_GROUP_KERNEL)
+        except BaseException as e:  # surfaced by __init__
+            self._error = e
+            return
+        finally:
+            self._bound.set()
+        while not self._closed:
+            try:
+                msgs = self._sock.get()
+            except Exception:  # noqa: BLE001 - the socket was closed under us
+                return
+            for msg in msgs:
+                mode = msg.get("DM_REPL_MODE")
+                if mode is None:
+                    continue
+                self._queue.put(ModeEvent(
+                    device=msg.get("DEVNAME", "?"), major=int(msg.get("MAJOR", 0)),
+                    minor=int(msg.get("MINOR", 0)), mode=mode,
+                    reason=msg.get("DM_REPL_REASON", "?"), event=int(msg.get("DM_REPL_EVENT", 0))))
 
     def events(self, timeout: float | None = None) -> Iterator[ModeEvent]:
-        """Yield the dm-repl events that arrive within ``timeout`` seconds (None: wait for one batch)."""
-        ready, _, _ = select.select([self._sock.fileno()], [], [], timeout)
-        if not ready:
+        """Yield the events received so far, waiting up to ``timeout`` seconds for the first."""
+        try:
+            yield self._queue.get(timeout=timeout)
+        except queue.Empty:
             return
-        for msg in self._sock.get():
-            mode = msg.get("DM_REPL_MODE")
-            if mode is None:
-                continue
-            yield ModeEvent(device=msg.get("DEVNAME", "?"), major=int(msg.get("MAJOR", 0)),
-                            minor=int(msg.get("MINOR", 0)), mode=mode,
-                            reason=msg.get("DM_REPL_REASON", "?"),
-                            event=int(msg.get("DM_REPL_EVENT", 0)))
+        while True:
+            try:
+                yield self._queue.get_nowait()
+            except queue.Empty:
+                return
 
     def close(self) -> None:
-        self._sock.close()
+        """Stop delivering events (the reader thread ends with the next message or the process)."""
+        self._closed = True
 
     def __enter__(self) -> UeventWatcher:
         return self

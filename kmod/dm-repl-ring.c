@@ -113,7 +113,7 @@ void repl_ring_consumed(struct repl_c *rc)
  * The consumer's file
  *--------------------------------------------------------------*/
 struct repl_file {
-	struct mutex lock;
+	struct mutex lock;		/* serialises ATTACH and mmap */
 	struct repl_c *rc;
 	u64 seen_published;
 	u64 seen_events;
@@ -183,7 +183,8 @@ static long do_attach(struct repl_file *rf, void __user *arg)
 	rc->flags = a.flags;
 	spin_unlock_irq(&rc->lock);
 	repl_get(rc);
-	rf->rc = rc;
+	/* published once: other ioctls read rf->rc without rf->lock */
+	smp_store_release(&rf->rc, rc);
 	mutex_unlock(&repl_targets_lock);
 
 	a.desc_count = rc->desc_count;
@@ -398,18 +399,22 @@ static long repl_ioctl(struct file *file, unsigned int cmd, unsigned long uarg)
 	struct repl_c *rc;
 	long r;
 
-	mutex_lock(&rf->lock);
 	if (cmd == REPL_IOC_ATTACH) {
+		mutex_lock(&rf->lock);
 		r = do_attach(rf, arg);
-		goto out;
+		mutex_unlock(&rf->lock);
+		return r;
 	}
-	rc = rf->rc;
-	r = -ENOTCONN;
+	/*
+	 * Once attached, rf->rc never changes until release, and the file holds
+	 * a reference: the other ioctls run without rf->lock, so that one
+	 * thread waiting (WAIT, MARK) does not hold up another's ACK.
+	 */
+	rc = smp_load_acquire(&rf->rc);
 	if (!rc)
-		goto out;
-	r = -ENODEV;
+		return -ENOTCONN;
 	if (READ_ONCE(rc->dead))
-		goto out;
+		return -ENODEV;
 
 	switch (cmd) {
 	case REPL_IOC_GET_STATE:
@@ -442,15 +447,13 @@ static long repl_ioctl(struct file *file, unsigned int cmd, unsigned long uarg)
 	default:
 		r = -ENOTTY;
 	}
-out:
-	mutex_unlock(&rf->lock);
 	return r;
 }
 
 static __poll_t repl_poll(struct file *file, poll_table *wait)
 {
 	struct repl_file *rf = file->private_data;
-	struct repl_c *rc = READ_ONCE(rf->rc);
+	struct repl_c *rc = smp_load_acquire(&rf->rc);
 	__poll_t mask = 0;
 
 	if (!rc)

@@ -1,0 +1,960 @@
+"""The node daemon: serves every resource of this node, as source or as target.
+
+Source side (one ``SourceResource`` per resource whose source is this node):
+
+* the **engine** thread owns the kernel consumer's control verbs: it starts
+  the ring, lets targets join the stream, acknowledges records to the kernel
+  (the minimum over the joined targets; durable acks for sync targets), and
+  runs the MARK / CLEAN cycle that moves responsibility for changed chunks
+  from the kernel's bitmap to each target's persistent out-of-sync bitmap;
+* one **link** per target: a sender thread that connects, authenticates,
+  streams ring records in order and interleaves resync chunks read from the
+  device, and a receiver thread for the target's ACK, PONG and CSUM_REPLY.
+
+The invariant behind P2: the kernel clears a chunk's bit (CLEAN at mark M)
+only when every target either has durably acknowledged every record before M
+or has absorbed a bitmap snapshot taken after M into its persistent OOS file.
+
+Target side (one ``TargetResource`` per resource this node is a target of):
+a listener that accepts the source, applies records and resync chunks in
+order to the store, makes them durable and acknowledges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import secrets
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from repctl import dm, metadata, protocol as P
+from repctl.config import Config, Node, Resource, Target, TargetMode
+from repctl.errors import HandshakeRefused, ProtocolError, ReplError
+from repctl.oos import OOSBitmap
+from repctl.ring import Consumer, RingError
+from repctl.store import Store, open_store
+
+log = logging.getLogger("repctl.daemon")
+
+SECTOR = 512
+CLEAN_INTERVAL = 1.0     # seconds between MARK / CLEAN cycles
+RESYNC_RUN = 256         # chunks per RESYNC_CHUNK frame at most (1 MiB at 4 KiB)
+RESYNC_WINDOW = 16 << 20  # resync bytes in flight before waiting for a PONG
+RECONNECT_DELAY = 1.0
+LAG_FRACTION = 0.75      # an async target holding more of the ring than this falls behind
+
+STATES = ("connecting", "syncing", "streaming", "paused", "behind", "disconnected")
+
+
+class Events:
+    """Fan-out of state-change events to subscribers (``repctl events``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: list[queue.Queue[dict[str, Any]]] = []
+
+    def subscribe(self) -> queue.Queue[dict[str, Any]]:
+        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10000)
+        with self._lock:
+            self._subs.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
+        with self._lock:
+            if q in self._subs:
+                self._subs.remove(q)
+
+    def emit(self, **event: Any) -> None:
+        event.setdefault("time", time.time())
+        log.info("event: %s", " ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
+        with self._lock:
+            for q in list(self._subs):
+                try:
+                    q.put_nowait(event)
+                except queue.Full:
+                    self._subs.remove(q)
+
+
+def _json_load(path: Path, default: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return dict(default)
+
+
+def _json_save(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ source side
+
+
+class Link:
+    """The source's view of one target: connection, stream position, OOS bitmap."""
+
+    def __init__(self, res: SourceResource, target: Target, node: Node):
+        self.res = res
+        self.name = target.name
+        self.mode = target.mode
+        self.node = node
+        self.address = (node.address, res.cfg.port)
+        self.state_path = res.state_dir / f"{self.name}.json"
+        self.oos = OOSBitmap(res.state_dir / f"{self.name}.oos", res.nr_chunks)
+        self.saved = _json_load(self.state_path, {"admin": "up"})
+        if not self.oos.existed:
+            self.oos.set_all()  # a new target: everything must be sent once
+            self.oos.save()
+        self.cond = threading.Condition()
+        self.state = "connecting" if self.saved["admin"] == "up" else self.saved["admin"]
+        self.conn: P.FramedConnection | None = None
+        self.joined = False
+        self.join_wanted = False
+        self.join_gen = 0        # bumped by the engine at each admission
+        self.join_pos = 0        # first ring seq of the current admission
+        self.pos = 0             # next ring seq to send (the sender's own)
+        self.ack = 0             # highest seq applied on the target
+        self.durable = 0         # highest seq durable on the target
+        self.pongs: dict[int, threading.Event] = {}
+        self.csum_replies: queue.Queue[P.CsumReply] = queue.Queue()
+        self.bytes_sent = 0
+        self.sync_total = 0
+        self.sync_done = 0
+        self.sync_started = 0.0
+        self.last_error: str | None = None
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"link-{res.name}-{self.name}", daemon=True)
+
+    # -- state ---------------------------------------------------------
+    def set_state(self, state: str, why: str = "") -> None:
+        assert state in STATES, state
+        if state != self.state:
+            old, self.state = self.state, state
+            self.res.events.emit(resource=self.res.name, target=self.name, what="state",
+                                 old=old, new=state, text=why)
+
+    @property
+    def admin(self) -> str:
+        return str(self.saved["admin"])
+
+    def set_admin(self, admin: str) -> None:
+        self.saved["admin"] = admin
+        _json_save(self.state_path, self.saved)
+        self.wake.set()
+        if admin != "up" and self.conn is not None:
+            self._drop(f"{admin} by the administrator", quiet=True)
+
+    def status(self) -> dict[str, Any]:
+        st = self.res.kstate
+        oos = self.oos.count() * self.res.chunk_bytes
+        sync = None
+        if self.state == "syncing":
+            elapsed = max(time.monotonic() - self.sync_started, 1e-6)
+            rate = self.sync_done / elapsed
+            left = max(self.sync_total - self.sync_done, 0)
+            sync = {"done_bytes": self.sync_done, "total_bytes": self.sync_total,
+                    "rate_bps": rate, "eta_s": (left / rate) if rate > 0 else None}
+        lag = max(st.published - self.ack, 0) if st is not None and self.joined else 0
+        return {"name": self.name, "mode": str(self.mode), "state": self.state,
+                "connection": "connected" if self.conn is not None else
+                ("refused: " + self.last_error if self.last_error and "refused" in self.last_error
+                 else "connecting" if self.admin == "up" else "down"),
+                "address": f"{self.address[0]}:{self.address[1]}",
+                "out_of_sync_bytes": oos, "bytes_sent": self.bytes_sent, "lag_records": lag,
+                "lag_bytes": st.ring_used if lag and st is not None else 0, "sync": sync,
+                "last_error": self.last_error}
+
+    # -- connection ----------------------------------------------------
+    def _connect(self) -> P.FramedConnection:
+        sock = socket.create_connection(self.address, timeout=5)
+        _tune(sock)
+        conn = P.FramedConnection(sock)
+        res = self.res
+        local = P.HandshakeInfo(resource=res.name, node=res.node, role=P.Role.SOURCE,
+                                device_size=res.size, chunk_size=res.chunk_bytes,
+                                generations=res.generations())
+
+        def check(peer: P.PeerInfo) -> None:
+            rel = P.compare_generations(local.generations, peer.generations)
+            if rel in (P.GenerationRelation.EQUAL, P.GenerationRelation.LOCAL_AHEAD):
+                return
+            raise HandshakeRefused(P.RefuseReason.SPLIT_BRAIN,
+                                   f"target {peer.node} holds generation {peer.generations.current:#x}, "
+                                   f"which is not in this source's history ({rel.name.lower()}): "
+                                   "split brain, resolve by hand")
+        try:
+            peer = P.handshake(conn, local, res.secret, P.Expect(frozenset({self.name}), check))
+        except BaseException:
+            conn.close()
+            raise
+        sock.settimeout(None)
+        if P.compare_generations(local.generations, peer.generations) is not P.GenerationRelation.EQUAL:
+            log.info("%s/%s: target holds no data of this generation: full sync", res.name, self.name)
+            self.oos.set_all()
+            self.oos.save()
+        return conn
+
+    def _drop(self, why: str, quiet: bool = False) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self.res.unjoin(self)
+        if not quiet:
+            self.last_error = why
+            log.warning("%s/%s: %s", self.res.name, self.name, why)
+
+    def _receiver(self, conn: P.FramedConnection) -> None:
+        try:
+            while True:
+                msg = conn.recv_message()
+                if isinstance(msg, P.Ack):
+                    with self.cond:
+                        self.ack = max(self.ack, msg.ring_seq)
+                        if msg.durable:
+                            self.durable = max(self.durable, msg.ring_seq)
+                        self.cond.notify_all()
+                    self.res.engine_wake.set()
+                elif isinstance(msg, P.Pong):
+                    ev = self.pongs.pop(msg.token, None)
+                    if ev:
+                        ev.set()
+                elif isinstance(msg, P.CsumReply):
+                    self.csum_replies.put(msg)
+                elif isinstance(msg, P.Error):
+                    raise ProtocolError(f"target reported: {msg.text}")
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from the target")
+        except (OSError, ReplError) as e:
+            if self.conn is conn:
+                self._drop(f"connection lost: {e}")
+            self.wake.set()
+            for ev in list(self.pongs.values()):
+                ev.set()
+
+    def _run(self) -> None:
+        while not self.res.stopping.is_set():
+            if self.admin != "up":
+                self.set_state(self.admin if self.admin in STATES else "disconnected")
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            self.set_state("connecting")
+            try:
+                conn = self._connect()
+            except (OSError, ReplError) as e:
+                self.last_error = str(e)
+                if isinstance(e, HandshakeRefused):
+                    self.last_error = f"refused: {e}"
+                log.warning("%s/%s: cannot connect to %s:%s: %s", self.res.name, self.name,
+                            *self.address, e)
+                self.wake.wait(RECONNECT_DELAY)
+                self.wake.clear()
+                continue
+            self.last_error = None
+            self.conn = conn
+            threading.Thread(target=self._receiver, args=(conn,), daemon=True,
+                             name=f"recv-{self.res.name}-{self.name}").start()
+            try:
+                self._serve(conn)
+            except (OSError, ReplError) as e:
+                if self.conn is conn:
+                    self._drop(f"connection lost: {e}")
+            if self.conn is conn:
+                self._drop("closed", quiet=True)
+
+    def _ping(self, conn: P.FramedConnection, timeout: float = 60) -> bool:
+        token = secrets.randbits(63)
+        ev = threading.Event()
+        self.pongs[token] = ev
+        conn.send_message(P.Ping(token, time.monotonic_ns()))
+        return ev.wait(timeout) and self.conn is conn
+
+    def _serve(self, conn: P.FramedConnection) -> None:
+        res = self.res
+        res.join(self)
+        gen = -1
+        resync = iter(())
+        inflight: list[range] = []
+        inflight_bytes = 0
+        epoch = 0
+        while self.conn is conn and not res.stopping.is_set():
+            if self.admin != "up":
+                self._pause(conn)
+                return
+            if not self.joined:
+                self.wake.wait(0.1)
+                self.wake.clear()
+                continue
+            if gen != self.join_gen:
+                # admitted (again): stream from the admission's mark, resync the OOS
+                gen, self.pos = self.join_gen, self.join_pos
+                epoch = self.oos.epoch
+                resync = self.oos.runs(RESYNC_RUN)
+                inflight, inflight_bytes = [], 0
+                pending = self.oos.count()
+                self.sync_total, self.sync_done = pending * res.chunk_bytes, 0
+                self.sync_started = time.monotonic()
+                if pending:
+                    self.set_state("syncing" if self.state != "streaming" else "behind",
+                                   f"{pending} chunks to resync")
+                else:
+                    self.set_state("streaming")
+            sent = self._send_records(conn)
+            run = None
+            if self.state in ("syncing", "behind"):
+                run = next(resync, None)
+                if run is not None:
+                    data = res.read_chunks(run)
+                    conn.send_message(P.ResyncChunk(run.start, data))
+                    self.bytes_sent += len(data)
+                    inflight.append(run)
+                    inflight_bytes += len(data)
+                if inflight and (run is None or inflight_bytes >= RESYNC_WINDOW):
+                    if not self._ping(conn):
+                        return
+                    for r in inflight:
+                        self.oos.clear(r, epoch)
+                    self.sync_done += inflight_bytes
+                    inflight, inflight_bytes = [], 0
+                    self.oos.save()
+                if run is None and not inflight:
+                    if self.oos.count():
+                        # an absorb added chunks meanwhile: another pass
+                        resync = self.oos.runs(RESYNC_RUN)
+                        epoch = self.oos.epoch
+                        continue
+                    conn.send_message(P.ResyncDone(0))
+                    self.set_state("streaming", "resync finished")
+            if not sent and run is None:
+                res.consumer.wait(max(self.pos - 1, 0), 100)
+
+    def _send_records(self, conn: P.FramedConnection) -> int:
+        st = self.res.consumer.state()
+        if not self.joined or self.pos < st.stream_start or not st.streaming and self.pos >= st.ring_end:
+            return 0
+        last = min(st.published, st.ring_end - 1)
+        frames = []
+        n = 0
+        size = 0
+        seq = self.pos
+        while seq <= last and n < 512 and size < (8 << 20):
+            r = self.res.consumer.record(seq)
+            op = P.RecordOp[r.op.upper()]
+            rec = P.Record(op, seq, r.sector if op != P.RecordOp.FLUSH else 0,
+                           r.length if op != P.RecordOp.FLUSH else 0,
+                           P.RecordFlags.FUA if r.fua else P.NO_FLAGS,
+                           r.data if op == P.RecordOp.WRITE else b"")
+            frames.append((rec.frame_type, rec.encode()))
+            size += len(r.data)
+            n += 1
+            seq += 1
+        if frames:
+            conn.send_batch(frames)
+            self.bytes_sent += size
+            self.pos = seq
+        return n
+
+    def _pause(self, conn: P.FramedConnection) -> None:
+        """Stop at a record boundary with everything sent durable: a consistent copy."""
+        conn.send_message(P.Pause())
+        self._ping(conn, timeout=30)
+        self._drop(f"{self.admin} by the administrator", quiet=True)
+
+
+class SourceResource:
+    """A resource whose source is this node."""
+
+    def __init__(self, daemon: Daemon, cfg: Resource):
+        self.daemon = daemon
+        self.cfg = cfg
+        self.name = cfg.name
+        self.node = daemon.node
+        self.events = daemon.events
+        self.secret = daemon.config.read_secret(cfg.name)
+        self.state_dir = daemon.state_dir / cfg.name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        node = cfg.nodes[self.node]
+        if node.metadata is None:
+            raise ReplError(f"resource {cfg.name}: node {self.node} is the source but has no metadata device")
+        self.data_dev = str(node.device)
+        self.meta_dev = str(node.metadata)
+        self.size = metadata.device_bytes(self.data_dev)
+        self.chunk_bytes = cfg.chunk_size
+        self.chunk_sectors = cfg.chunk_size // SECTOR
+        self.nr_chunks = -(-self.size // self.chunk_bytes)
+        self.gen = _json_load(self.state_dir / "generation.json", {})
+        if "current" not in self.gen:
+            self.gen = {"current": secrets.randbits(63) | 1, "history": []}
+            _json_save(self.state_dir / "generation.json", self.gen)
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.engine_wake = threading.Event()
+        self.consumer: Consumer = None  # type: ignore[assignment]
+        self.kstate = None
+        self.dev_path = f"/dev/mapper/{self.name}"
+        self.read_fd = -1
+        self.links = {t: Link(self, target, cfg.nodes[t]) for t, target in cfg.targets.items()}
+        self.engine = threading.Thread(target=self._engine, name=f"engine-{self.name}", daemon=True)
+        self.last_clean = 0.0
+
+    def generations(self) -> P.Generations:
+        return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
+
+    # -- device --------------------------------------------------------
+    def _table(self) -> dm.Target:
+        sectors = self.size // SECTOR
+        ring_mb = max(1, self.cfg.ring_size >> 20)
+        timeout_ms = max(100, int(self.cfg.sync_timeout * 1000))
+        return dm.Target(0, sectors, "repl", f"{self.data_dev} {self.meta_dev} {self.chunk_sectors} "
+                         f"4 ring_mb {ring_mb} sync_timeout_ms {timeout_ms}")
+
+    def start(self) -> None:
+        with dm.DMControl() as ctl:
+            names = {d.name for d in ctl.list_devices()}
+            if self.name not in names:
+                sb = metadata.read_superblock(self.meta_dev)
+                if sb is None:
+                    raise ReplError(f"resource {self.name}: metadata device {self.meta_dev} is not "
+                                    f"formatted: run `repctl create-md {self.name}` first")
+                dm.create_device(self.name, [self._table()], ctl=ctl)
+        sync = any(link.mode is TargetMode.SYNC for link in self.links.values())
+        self.consumer = Consumer(self.dev_path, sync=sync)
+        self.read_fd = os.open(self.dev_path, os.O_RDONLY | os.O_CLOEXEC)
+        self.engine.start()
+        for link in self.links.values():
+            link.thread.start()
+        self.events.emit(resource=self.name, what="up", text=f"source of {self.name} on {self.dev_path}")
+
+    def stop(self, remove: bool = False) -> None:
+        self.stopping.set()
+        self.engine_wake.set()
+        for link in self.links.values():
+            link.wake.set()
+            if link.conn is not None:
+                link.conn.close()
+        for link in self.links.values():
+            if link.thread.is_alive():
+                link.thread.join(5)
+        if self.engine.is_alive():
+            self.engine.join(5)
+        for link in self.links.values():
+            link.oos.save()
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+        if self.consumer is not None:
+            self.consumer.close()
+        if remove:
+            dm.remove_device(self.name)
+        self.events.emit(resource=self.name, what="down")
+
+    def read_chunks(self, run: range) -> bytes:
+        off = run.start * self.chunk_bytes
+        length = min(len(run) * self.chunk_bytes, self.size - off)
+        data = os.pread(self.read_fd, length, off)
+        if len(data) != length:
+            raise ReplError(f"{self.dev_path}: short read at {off}")
+        return data
+
+    # -- joining the stream (engine thread) ------------------------------
+    def join(self, link: Link) -> None:
+        with self.lock:
+            link.join_wanted = True
+        self.engine_wake.set()
+
+    def unjoin(self, link: Link) -> None:
+        with self.lock:
+            link.joined = False
+            link.join_wanted = False
+        self.engine_wake.set()
+
+    def _absorb(self, links: list[Link]) -> int:
+        """MARK, then OR the kernel bitmap into each link's OOS and make it durable."""
+        mark = self.consumer.mark()
+        if links:
+            bm = self.consumer.bitmap()
+            for link in links:
+                link.oos.absorb(bm)
+                link.oos.save()
+        return mark
+
+    def _engine(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._cycle()
+            except (OSError, ReplError) as e:
+                log.exception("%s: engine: %s", self.name, e)
+                self.events.emit(resource=self.name, what="error", text=str(e))
+                time.sleep(1)
+            self.engine_wake.wait(0.05)
+            self.engine_wake.clear()
+
+    def _cycle(self) -> None:
+        st = self.consumer.state()
+        self.kstate = st
+        links = list(self.links.values())
+        if not st.streaming:
+            # not started yet, or fell behind: every target takes the kernel's
+            # bitmap into its own, and a new ring starts
+            if st.reason not in ("no_consumer", "detached") or st.stream_start:
+                self.events.emit(resource=self.name, what="fell_behind", text=st.reason)
+            with self.lock:
+                for link in links:
+                    link.joined = False
+                    link.join_wanted = link.join_wanted or link.conn is not None
+            self.consumer.start_stream()
+            mark = self._absorb(links)
+            # every target holds everything before the mark in its own bitmap
+            self.consumer.clean(mark)
+            self.kstate = st = self.consumer.state()
+            self._admit(mark)
+            return
+
+        with self.lock:
+            wanting = [l for l in links if l.join_wanted and not l.joined]
+        if wanting:
+            mark = self._absorb(wanting)
+            self._admit(mark, wanting)
+
+        # acknowledge to the kernel what every joined target has
+        with self.lock:
+            joined = [l for l in links if l.joined]
+        if joined:
+            ack = min((l.durable if l.mode is TargetMode.SYNC else l.ack) for l in joined)
+        else:
+            ack = st.published
+        ack = min(ack, st.published)
+        if ack > st.acked and ack >= st.stream_start - 1:
+            try:
+                self.consumer.ack(ack)
+            except RingError as e:
+                log.debug("ack %d: %s", ack, e)
+
+        # an async target that holds most of the ring falls behind (P4)
+        if st.ring_used > LAG_FRACTION * st.ring_bytes:
+            for l in joined:
+                if l.mode is TargetMode.ASYNC and l.ack < st.published and l.ack == min(x.ack for x in joined):
+                    log.warning("%s/%s: async target lags %d records: falls behind into its bitmap",
+                                self.name, l.name, st.published - l.ack)
+                    with self.lock:
+                        l.joined = False
+                    self.join(l)
+                    l.wake.set()
+
+        if time.monotonic() - self.last_clean >= CLEAN_INTERVAL:
+            self.last_clean = time.monotonic()
+            self._clean_cycle(links)
+
+    def _admit(self, mark: int, links: list[Link] | None = None) -> None:
+        with self.lock:
+            for link in links if links is not None else self.links.values():
+                if not link.join_wanted:
+                    continue
+                with link.cond:
+                    link.join_pos = mark
+                    link.ack = link.durable = mark - 1
+                link.join_gen += 1
+                link.joined = True
+                link.join_wanted = False
+                link.wake.set()
+
+    def _clean_cycle(self, links: list[Link]) -> None:
+        if not self.kstate or not self.kstate.dirty_chunks:
+            return
+        with self.lock:
+            outside = [l for l in links if not l.joined]
+        mark = self._absorb(outside)
+        deadline = time.monotonic() + 2.0
+        for l in links:
+            with l.cond:
+                while l.joined and l.durable < mark - 1 and time.monotonic() < deadline:
+                    l.cond.wait(0.1)
+                if l.joined and l.durable < mark - 1:
+                    return  # try again next cycle
+                if not l.joined and l not in outside:
+                    return  # left the stream meanwhile: absorb it next cycle
+        self.consumer.clean(mark)
+
+    # -- admin -------------------------------------------------------
+    def link(self, target: str) -> Link:
+        try:
+            return self.links[target]
+        except KeyError:
+            raise ReplError(f"resource {self.name} has no target {target!r} "
+                            f"(targets: {', '.join(self.links)})") from None
+
+    def status(self) -> dict[str, Any]:
+        st = self.kstate
+        kernel = None
+        if st is not None:
+            kernel = {"mode": st.mode, "reason": st.reason, "dirty_chunks": st.dirty_chunks,
+                      "chunk_size": self.chunk_bytes, "ring_used": st.ring_used,
+                      "ring_bytes": st.ring_bytes, "published": st.published, "acked": st.acked}
+        return {"name": self.name, "role": "source", "device": self.dev_path, "kernel": kernel,
+                "size": self.size, "targets": [l.status() for l in self.links.values()]}
+
+    def verify(self, target: str) -> dict[str, Any]:
+        """Compare chunk digests with the target; a second pass re-checks what differed."""
+        link = self.link(target)
+        conn = link.conn
+        if conn is None or link.state != "streaming":
+            raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot verify now")
+        differing = self._compare(link, conn, range(self.nr_chunks))
+        if differing:
+            time.sleep(0.5)  # writes in flight during the first pass settle
+            differing = self._compare(link, conn, sorted(differing))
+        return {"resource": self.name, "target": target, "chunks": self.nr_chunks,
+                "chunk_size": self.chunk_bytes, "differing": sorted(differing)}
+
+    def _compare(self, link: Link, conn: P.FramedConnection, chunks: range | list[int]) -> set[int]:
+        # everything published now must be durable on the target first
+        published = self.consumer.state().published
+        deadline = time.monotonic() + 30
+        with link.cond:
+            while link.durable < published and link.joined and time.monotonic() < deadline:
+                link.cond.wait(0.1)
+        link._ping(conn)
+        algo = P.DigestAlgorithm.BLAKE2B_256
+        differing: set[int] = set()
+        chunk_list = list(chunks)
+        step = 4096
+        i = 0
+        while i < len(chunk_list):
+            first = chunk_list[i]
+            count = 1
+            while (i + count < len(chunk_list) and count < step
+                   and chunk_list[i + count] == first + count):
+                count += 1
+            conn.send_message(P.CsumRequest(first, count, algo))
+            try:
+                reply = link.csum_replies.get(timeout=60)
+            except queue.Empty:
+                raise ReplError(f"{self.name}/{link.name}: no checksum reply within 60 s") from None
+            local = self.read_chunks(range(first, first + count))
+            for k, digest in enumerate(reply.digests):
+                mine = algo.digest(local[k * self.chunk_bytes:(k + 1) * self.chunk_bytes])
+                if mine != digest:
+                    differing.add(first + k)
+            i += count
+        return differing
+
+
+# ------------------------------------------------------------------ target side
+
+
+class TargetResource:
+    """A resource this node is a target of: listen, authenticate, apply in order."""
+
+    def __init__(self, daemon: Daemon, cfg: Resource):
+        self.daemon = daemon
+        self.cfg = cfg
+        self.name = cfg.name
+        self.node = daemon.node
+        self.events = daemon.events
+        self.secret = daemon.config.read_secret(cfg.name)
+        self.state_dir = daemon.state_dir / cfg.name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.saved = _json_load(self.state_dir / "target.json", {"current": 0, "history": [], "consistent": True})
+        self.device = str(cfg.nodes[self.node].device)
+        self.store: Store | None = None
+        self.listener: socket.socket | None = None
+        self.stopping = threading.Event()
+        self.conn: P.FramedConnection | None = None
+        self.state = "disconnected"
+        self.bytes_received = 0
+        self.last_seq = 0
+        self.last_error: str | None = None
+        self.thread = threading.Thread(target=self._listen, name=f"listen-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        self.store = open_store(self.device)
+        addr = self.cfg.nodes[self.node].address
+        self.listener = socket.create_server((addr, self.cfg.port), reuse_port=False)
+        self.listener.settimeout(0.5)
+        self.thread.start()
+        self.events.emit(resource=self.name, what="up", text=f"target of {self.name} on {self.device}")
+
+    def stop(self, remove: bool = False) -> None:
+        self.stopping.set()
+        if self.conn is not None:
+            self.conn.close()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        if self.listener is not None:
+            self.listener.close()
+        if self.store is not None:
+            self.store.close()
+        self.events.emit(resource=self.name, what="down")
+
+    def _save(self) -> None:
+        _json_save(self.state_dir / "target.json", self.saved)
+
+    def _set_state(self, state: str, why: str = "") -> None:
+        if state != self.state:
+            old, self.state = self.state, state
+            self.events.emit(resource=self.name, target=self.node, what="state", old=old, new=state, text=why)
+
+    def _listen(self) -> None:
+        assert self.listener is not None
+        while not self.stopping.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.conn is not None:
+                # one source at a time; the handshake refuses with BUSY
+                threading.Thread(target=self._refuse_busy, args=(sock,), daemon=True).start()
+                continue
+            try:
+                self._serve(sock, peer)
+            except (OSError, ReplError) as e:
+                self.last_error = str(e)
+                log.warning("%s: connection from %s: %s", self.name, peer[0], e)
+            finally:
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                self._set_state("disconnected")
+
+    def _refuse_busy(self, sock: socket.socket) -> None:
+        sock.close()
+
+    def _local_info(self) -> P.HandshakeInfo:
+        assert self.store is not None
+        return P.HandshakeInfo(resource=self.name, node=self.node, role=P.Role.TARGET,
+                               device_size=self.store.size, chunk_size=self.cfg.chunk_size,
+                               generations=P.Generations(int(self.saved["current"]),
+                                                         tuple(self.saved["history"])))
+
+    def _serve(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        store = self.store
+        assert store is not None
+        _tune(sock)
+        conn = P.FramedConnection(sock)
+        try:
+            info = P.handshake(conn, self._local_info(), self.secret, P.Expect(frozenset({self.cfg.source})))
+        except ReplError as e:
+            self.last_error = f"refused {peer[0]}: {e}"
+            log.warning("%s: refused connection from %s: %s", self.name, peer[0], e)
+            conn.close()
+            return
+        self.conn = conn
+        self.last_error = None
+        source_gen = info.generations
+        self._set_state("streaming", f"source {info.node} connected")
+        chunk = self.cfg.chunk_size
+        applied = acked = self.last_seq
+        dirty = False
+        last_flush = last_ack = time.monotonic()
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if dirty and (not _readable(sock) or now - last_flush > 0.2):
+                # idle, or a busy stream every 200 ms: make it durable, say so
+                store.flush()
+                dirty = False
+                last_flush = last_ack = now
+                acked = applied
+                conn.send_message(P.Ack(applied, durable=True))
+            elif applied > acked and now - last_ack > 0.005:
+                acked, last_ack = applied, now
+                conn.send_message(P.Ack(applied, durable=False))
+            frame = conn.recv()
+            msg = P.decode(frame.type, frame.payload)
+            if isinstance(msg, P.Record):
+                end = msg.sector * SECTOR + msg.length
+                if end > store.size:
+                    raise ProtocolError(f"record {msg.ring_seq} ends at byte {end}, past the device")
+                store.apply(msg.op.name.lower(), msg.sector, msg.length, msg.data,
+                            bool(msg.flags & P.RecordFlags.FUA))
+                self.bytes_received += msg.length if msg.op is P.RecordOp.WRITE else 0
+                applied = self.last_seq = msg.ring_seq
+                dirty = True
+            elif isinstance(msg, P.ResyncChunk):
+                off = msg.chunk * chunk
+                data = memoryview(msg.data)
+                if off + data.nbytes > store.size:
+                    raise ProtocolError(f"resync chunk {msg.chunk} ends past the device")
+                if self.saved["consistent"]:
+                    self.saved["consistent"] = False
+                    self._save()
+                    self._set_state("syncing", "resync started")
+                store.write(off, data)
+                self.bytes_received += data.nbytes
+                dirty = True
+            elif isinstance(msg, P.ResyncDone):
+                store.flush()
+                self.saved.update(consistent=True, current=source_gen.current,
+                                  history=list(source_gen.history))
+                self._save()
+                self._set_state("streaming", "resync finished: consistent")
+            elif isinstance(msg, P.Ping):
+                store.flush()
+                dirty = False
+                conn.send_message(P.Pong(msg.token, msg.time_ns))
+            elif isinstance(msg, P.Pause):
+                store.flush()
+                dirty = False
+                conn.send_message(P.Ack(applied, durable=True))
+                self._set_state("paused", "paused by the source")
+            elif isinstance(msg, P.CsumRequest):
+                end = min(msg.first + msg.count, -(-store.size // chunk))
+                data = store.read(msg.first * chunk, (end - msg.first) * chunk)
+                digests = tuple(msg.algorithm.digest(data[i * chunk:(i + 1) * chunk])
+                                for i in range(end - msg.first))
+                conn.send_message(P.CsumReply(msg.first, digests, msg.algorithm))
+            elif isinstance(msg, P.Error):
+                raise ProtocolError(f"source reported: {msg.text}")
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "role": "target", "device": self.device, "source": self.cfg.source,
+                "connection": "connected" if self.conn is not None else "waiting",
+                "state": self.state if self.saved["consistent"] or self.state != "streaming" else "syncing",
+                "consistent": bool(self.saved["consistent"]), "bytes_received": self.bytes_received,
+                "generation": f"{int(self.saved['current']):#x}", "last_error": self.last_error,
+                "targets": []}
+
+
+def _readable(sock: socket.socket) -> bool:
+    r, _, _ = select.select([sock], [], [], 0)
+    return bool(r)
+
+
+def _tune(sock: socket.socket) -> None:
+    """No Nagle delay for acks; keepalives so that a dead peer is noticed within ~10 s."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 4)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+# ------------------------------------------------------------------ the daemon
+
+
+class Daemon:
+    """The service layer the control socket dispatches to."""
+
+    def __init__(self, config: Config, node: str | None = None):
+        self.config = config
+        self.state_dir = Path(config.global_.state_dir)
+        self.events = Events()
+        self.node = self._find_node(config, node)
+        self.resources: dict[str, SourceResource | TargetResource] = {}
+
+    @staticmethod
+    def _find_node(config: Config, node: str | None) -> str:
+        errors = []
+        for name in config.resources:
+            try:
+                return config.local_node(name, node).name
+            except ReplError as e:
+                errors.append(str(e))
+        raise ReplError(errors[0] if errors else f"{config.file}: no resources")
+
+    def _make(self, name: str) -> SourceResource | TargetResource | None:
+        cfg = self.config.resource(name)
+        if self.node == cfg.source:
+            return SourceResource(self, cfg)
+        if self.node in cfg.targets:
+            return TargetResource(self, cfg)
+        return None
+
+    def start(self) -> None:
+        for name, cfg in self.config.resources.items():
+            if self.node in cfg.nodes:
+                try:
+                    self.up(name)
+                except ReplError as e:
+                    log.error("%s: cannot bring up: %s", name, e)
+                    self.events.emit(resource=name, what="error", text=str(e))
+
+    def stop(self) -> None:
+        for res in list(self.resources.values()):
+            res.stop()
+        self.resources.clear()
+
+    # -- commands ------------------------------------------------------
+    def _res(self, name: str) -> SourceResource | TargetResource:
+        if name not in self.config.resources:
+            raise ReplError(f"unknown resource {name!r}")
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise ReplError(f"resource {name} is down on {self.node}: `repctl up {name}`") from None
+
+    def _source(self, name: str) -> SourceResource:
+        res = self._res(name)
+        if not isinstance(res, SourceResource):
+            raise ReplError(f"resource {name}: {self.node} is a target; run this on the source "
+                            f"({self.config.resource(name).source})")
+        return res
+
+    def up(self, resource: str) -> str:
+        if resource in self.resources:
+            return f"{resource} is already up"
+        res = self._make(resource)
+        if res is None:
+            raise ReplError(f"resource {resource}: node {self.node} is neither its source nor a target")
+        res.start()
+        self.resources[resource] = res
+        return f"{resource} is up as {'source' if isinstance(res, SourceResource) else 'target'}"
+
+    def down(self, resource: str) -> str:
+        res = self._res(resource)
+        res.stop(remove=isinstance(res, SourceResource))
+        del self.resources[resource]
+        return f"{resource} is down"
+
+    def _targets(self, resource: str, target: str | None) -> list[Link]:
+        res = self._source(resource)
+        return [res.link(target)] if target else list(res.links.values())
+
+    def pause(self, resource: str, target: str | None = None) -> str:
+        for link in self._targets(resource, target):
+            link.set_admin("paused")
+        return "paused"
+
+    def resume(self, resource: str, target: str | None = None) -> str:
+        for link in self._targets(resource, target):
+            link.set_admin("up")
+        return "resumed"
+
+    def disconnect(self, resource: str, target: str | None = None) -> str:
+        for link in self._targets(resource, target):
+            link.set_admin("disconnected")
+        return "disconnected"
+
+    def connect(self, resource: str, target: str | None = None) -> str:
+        return self.resume(resource, target).replace("resumed", "connecting")
+
+    def verify(self, resource: str, target: str) -> dict[str, Any]:
+        return self._source(resource).verify(target)
+
+    def status(self) -> dict[str, Any]:
+        return {"node": self.node, "resources": [r.status() for r in self.resources.values()]}
+
+    def subscribe(self) -> queue.Queue[dict[str, Any]]:
+        return self.events.subscribe()
+
+    def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
+        self.events.unsubscribe(q)
+
+
+__all__ = ["Daemon", "SourceResource", "TargetResource", "Link", "STATES"]

@@ -55,7 +55,7 @@ void repl_ring_reset(struct repl_c *rc)
 {
 	rc->data_head = rc->data_tail = 0;
 	rc->stream_start = rc->ring_end = rc->next_seq;
-	rc->acked = rc->next_seq - 1;
+	rc->acked = rc->released = rc->next_seq - 1;
 }
 
 u64 repl_ring_used(struct repl_c *rc)
@@ -275,6 +275,27 @@ static long do_ack(struct repl_c *rc, void __user *arg)
 	return 0;
 }
 
+static long do_release(struct repl_c *rc, void __user *arg)
+{
+	struct repl_ack a;
+	LIST_HEAD(release);
+
+	if (copy_from_user(&a, arg, sizeof(a)))
+		return -EFAULT;
+	spin_lock_irq(&rc->lock);
+	if (a.seq > rc->published || a.seq >= rc->ring_end) {
+		spin_unlock_irq(&rc->lock);
+		return -ERANGE;
+	}
+	if (a.seq > rc->released) {
+		rc->released = a.seq;
+		repl_release_sync_waiters(rc, a.seq, &release);
+	}
+	spin_unlock_irq(&rc->lock);
+	repl_complete_list(&release);
+	return 0;
+}
+
 static long check_range(struct repl_c *rc, u64 first, u64 count)
 {
 	if (!count || first >= rc->nr_chunks || count > rc->nr_chunks - first)
@@ -434,6 +455,9 @@ static long repl_ioctl(struct file *file, unsigned int cmd, unsigned long uarg)
 		break;
 	case REPL_IOC_MARK:
 		r = do_mark(rc, arg, false);
+		break;
+	case REPL_IOC_RELEASE:
+		r = do_release(rc, arg);
 		break;
 	case REPL_IOC_CLEAN:
 		r = do_clean(rc, arg);

@@ -424,7 +424,7 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 	kick = unpark(rc);
 
 	if (io->in_ring && rc->mode == REPL_MODE_STREAMING &&
-	    (rc->flags & REPL_F_SYNC) && io->seq > rc->acked && !*error) {
+	    (rc->flags & REPL_F_SYNC) && io->seq > max(rc->acked, rc->released) && !*error) {
 		io->issued = jiffies;
 		if (list_empty(&rc->sync_waiters))
 			queue_delayed_work(rc->wq, &rc->timeout_work,

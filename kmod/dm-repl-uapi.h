@@ -207,5 +207,8 @@ struct repl_flags {
 #define REPL_IOC_CLEAN _IOWR(0xDB, 7, struct repl_clean)
 #define REPL_IOC_GET_BITMAP _IOWR(0xDB, 8, struct repl_bitmap)
 #define REPL_IOC_SET_FLAGS _IOW(0xDB, 9, struct repl_flags)
+/* Complete synchronous writers up to seq without giving back ring space
+ * (the synchronous targets have them; slower asynchronous ones still read). */
+#define REPL_IOC_RELEASE _IOW(0xDB, 10, struct repl_ack)
 
 #endif /* _DM_REPL_UAPI_H */

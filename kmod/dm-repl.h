@@ -100,6 +100,7 @@ struct repl_c {
 	u64 next_seq;
 	u64 published;
 	u64 acked;
+	u64 released;			/* sync writers up to here may complete */
 	u64 stream_start;		/* first seq in the ring */
 	u64 ring_end;			/* first seq not in the ring */
 	u64 mark;

@@ -409,6 +409,8 @@ class SourceResource:
         self.links = {t: Link(self, target, cfg.nodes[t]) for t, target in cfg.targets.items()}
         self.engine = threading.Thread(target=self._engine, name=f"engine-{self.name}", daemon=True)
         self.last_clean = 0.0
+        self.sync_on = False
+        self.released = 0
 
     def generations(self) -> P.Generations:
         return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
@@ -430,8 +432,7 @@ class SourceResource:
                     raise ReplError(f"resource {self.name}: metadata device {self.meta_dev} is not "
                                     f"formatted: run `repctl create-md {self.name}` first")
                 dm.create_device(self.name, [self._table()], ctl=ctl)
-        sync = any(link.mode is TargetMode.SYNC for link in self.links.values())
-        self.consumer = Consumer(self.dev_path, sync=sync)
+        self.consumer = Consumer(self.dev_path, sync=False)  # sync once a sync target joins
         self.read_fd = os.open(self.dev_path, os.O_RDONLY | os.O_CLOEXEC)
         self.engine.start()
         for link in self.links.values():
@@ -529,19 +530,28 @@ class SourceResource:
             mark = self._absorb(wanting)
             self._admit(mark, wanting)
 
-        # acknowledge to the kernel what every joined target has
+        # Synchronous writers wait only for the joined sync targets' durable
+        # acks (RELEASE); ring space comes back when every joined target has
+        # the records (ACK). An async target never delays a sync writer.
         with self.lock:
             joined = [l for l in links if l.joined]
-        if joined:
-            ack = min((l.durable if l.mode is TargetMode.SYNC else l.ack) for l in joined)
-        else:
-            ack = st.published
-        ack = min(ack, st.published)
-        if ack > st.acked and ack >= st.stream_start - 1:
-            try:
+        sync_joined = [l for l in joined if l.mode is TargetMode.SYNC]
+        if bool(sync_joined) != self.sync_on:
+            self.sync_on = bool(sync_joined)
+            self.consumer.set_sync(self.sync_on)
+        try:
+            if sync_joined:
+                release = min(min(l.durable for l in sync_joined), st.published)
+                if release > self.released:
+                    self.consumer.release(release)
+                    self.released = release
+            ack = min((l.durable if l.mode is TargetMode.SYNC else l.ack) for l in joined) \
+                if joined else st.published
+            ack = min(ack, st.published)
+            if ack > st.acked and ack >= st.stream_start - 1:
                 self.consumer.ack(ack)
-            except RingError as e:
-                log.debug("ack %d: %s", ack, e)
+        except RingError as e:
+            log.debug("%s: ack/release: %s", self.name, e)
 
         # an async target that holds most of the ring falls behind (P4)
         if st.ring_used > LAG_FRACTION * st.ring_bytes:

@@ -174,6 +174,10 @@ class Consumer:
         """Every record up to ``seq`` is consumed (and, in sync mode, durable on the targets)."""
         self._ioctl("ack", uapi.REPL_IOC_ACK, ffi.new("struct repl_ack *", {"seq": seq}))
 
+    def release(self, seq: int) -> None:
+        """Synchronous writers up to ``seq`` may complete; the records stay in the ring."""
+        self._ioctl("release", uapi.REPL_IOC_RELEASE, ffi.new("struct repl_ack *", {"seq": seq}))
+
     def set_sync(self, sync: bool) -> None:
         self._ioctl("set flags", uapi.REPL_IOC_SET_FLAGS,
                     ffi.new("struct repl_flags *", {"flags": uapi.REPL_F_SYNC if sync else 0}))

@@ -1,8 +1,122 @@
-"""The `repctl` command line: thin commands over the service layer."""
+"""The `repctl` command line: thin commands over the service layer.
+
+Commands that act on a running resource ask the node daemon over the control socket
+(`repctl.control`); `create-md` works on the local devices directly; `daemon` runs the daemon.
+Every domain error (`ReplError`) is caught here, at the edge, and becomes one line
+``repctl: error: <text>`` on stderr and exit status 1. Usage errors exit 2 (typer's own).
+docs/cli.md documents every command and its exit statuses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json as jsonlib
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Block-level replication over TCP with the dm-repl target.")
+from repctl import metadata, render
+from repctl.config import DEFAULT_CONFIG_PATH, Config, load_config
+from repctl.control import ControlClient, ControlServer
+from repctl.errors import ConfigError, ReplError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Block-level replication over TCP with the dm-repl target.",
+    pretty_exceptions_show_locals=False,
+)
+
+log = logging.getLogger("repctl")
+
+#: Seconds a daemon command may take before the CLI gives up (verify has no limit).
+CALL_TIMEOUT = 120.0
+
+#: Exit status of `verify` when the target differs from the source.
+EXIT_DIFFERS = 3
+
+#: `verify` lists at most this many differing chunks.
+VERIFY_SHOWN = 20
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------------------------
+# The edge: options shared by every command, and domain errors turned into one line
+# --------------------------------------------------------------------------------------------
+
+
+class Session:
+    """What every command gets from the global options: the configuration and a daemon client."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+
+    def config(self) -> Config:
+        """The validated configuration (loaded once); ConfigError if it is wrong."""
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def client(self, timeout: float | None = CALL_TIMEOUT) -> ControlClient:
+        """A client of this node's daemon, at ``global.control_socket``."""
+        return ControlClient(self.config().global_.control_socket, timeout)
+
+
+def _session(ctx: typer.Context) -> Session:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Session)
+    return obj
+
+
+def fail(text: str, code: int = 1) -> typer.Exit:
+    """Print ``repctl: error: <text>`` on stderr; return the Exit to raise."""
+    typer.echo(f"repctl: error: {text}", err=True)
+    return typer.Exit(code)
+
+
+def edge(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a command; a ReplError becomes ``repctl: error: ...`` and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ReplError as exc:
+            raise fail(str(exc) or type(exc).__name__) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="REPCTL_CONFIG",
+            help="The configuration file.",
+            show_default=True,
+        ),
+    ] = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Block-level replication over TCP with the dm-repl target."""
+    ctx.obj = Session(config)
 
 
 @app.command()
@@ -11,3 +125,430 @@ def version() -> None:
     from repctl import __version__
 
     typer.echo(__version__)
+
+
+# --------------------------------------------------------------------------------------------
+# create-md: the local service that formats a metadata device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetadataPlan:
+    """What `create-md` would write, and what the metadata device holds now."""
+
+    resource: str
+    node: str
+    device: str  # the data device
+    metadata: str  # the metadata device
+    data_bytes: int
+    chunk_bytes: int
+    nr_chunks: int
+    bitmap_blocks: int
+    need_bytes: int  # metadata the data needs
+    have_bytes: int  # size of the metadata device
+    existing: str | None  # what the metadata device holds now; None when all zero
+
+
+def plan_metadata(config: Config, resource: str, node: str | None = None) -> MetadataPlan:
+    """Check that `node`'s (default: this host's) metadata device of `resource` can be formatted
+    and say what formatting writes. ReplError if the node has no metadata device, a device is
+    missing or in use, or the metadata device is too small."""
+    res = config.resource(resource)
+    if node is None:
+        me = config.local_node(resource)
+    elif node in res.nodes:
+        me = res.nodes[node]
+    else:
+        raise ConfigError(
+            config.file, f"resources.{resource}.nodes", f"a node named {node!r}",
+            ", ".join(res.nodes) or "none",
+        )
+    key = f"resources.{resource}.nodes.{me.name}"
+    if me.metadata is None:
+        raise ConfigError(
+            config.file, f"{key}.metadata", "a metadata device to format",
+            f"none (node {me.name} can only be a target of {resource})",
+        )
+    if Path("/dev/mapper", resource).exists():
+        raise ReplError(
+            f"resource {resource} is active (/dev/mapper/{resource} exists); "
+            f"stop it first: repctl down {resource}"
+        )
+    data_bytes = _size_of(me.device, "data device", f"{key}.device")
+    have = _size_of(me.metadata, "metadata device", f"{key}.metadata")
+    _refuse_busy(me.metadata)
+    chunk_sectors = res.chunk_size // 512
+    data_sectors = data_bytes // 512
+    if data_sectors == 0:
+        raise metadata.MetadataError(f"{me.device}: the data device is empty")
+    nr_chunks, bitmap_blocks = metadata.geometry(data_sectors, chunk_sectors)
+    need = metadata.metadata_bytes(data_sectors, chunk_sectors)
+    if have < need:
+        raise metadata.MetadataError(
+            f"{me.metadata}: the metadata device holds {render.human_bytes(have)} ({have} bytes), "
+            f"needs {render.human_bytes(need)} ({need} bytes) for "
+            f"{render.human_bytes(data_bytes)} of data in {render.human_bytes(res.chunk_size)} "
+            "chunks"
+        )
+    try:
+        sb = metadata.read_superblock(me.metadata)
+        existing = f"dm-repl metadata (uuid {sb.uuid})" if sb else None
+    except metadata.MetadataError:
+        existing = "data that is not dm-repl metadata"
+    return MetadataPlan(
+        resource=resource, node=me.name, device=str(me.device), metadata=str(me.metadata),
+        data_bytes=data_bytes, chunk_bytes=res.chunk_size, nr_chunks=nr_chunks,
+        bitmap_blocks=bitmap_blocks, need_bytes=need, have_bytes=have, existing=existing,
+    )
+
+
+def _size_of(path: Path, what: str, key: str) -> int:
+    try:
+        return metadata.device_bytes(path)
+    except OSError as exc:
+        raise metadata.MetadataError(
+            f"{path}: cannot open the {what} ({key}): {exc.strerror or exc}"
+        ) from None
+
+
+def _refuse_busy(path: Path) -> None:
+    """A block device that someone holds open exclusively (a dm table, a mount) is refused."""
+    try:
+        if not stat.S_ISBLK(os.stat(path).st_mode):
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+    except OSError as exc:
+        raise metadata.MetadataError(f"{path}: in use ({exc.strerror or exc})") from None
+    os.close(fd)
+
+
+def create_metadata(
+    plan: MetadataPlan, *, force: bool = False, all_dirty: bool = False
+) -> metadata.Superblock:
+    """Format the metadata device of `plan`. Refuses a device that holds anything unless `force`."""
+    if plan.existing and not force:
+        raise metadata.MetadataError(
+            f"{plan.metadata}: already holds {plan.existing}; use --force to overwrite it"
+        )
+    return metadata.format_metadata(
+        plan.metadata, plan.data_bytes // 512, plan.chunk_bytes // 512,
+        all_dirty=all_dirty, force=force,
+    )
+
+
+def _describe_plan(plan: MetadataPlan, all_dirty: bool) -> list[str]:
+    bitmap = plan.bitmap_blocks * metadata.BLOCK
+    return [
+        f"  data      {plan.device}, {render.human_bytes(plan.data_bytes)} "
+        f"({plan.data_bytes} bytes)",
+        f"  chunks    {plan.nr_chunks} of {render.human_bytes(plan.chunk_bytes)}, "
+        + ("all marked dirty (a first sync copies everything)" if all_dirty else "all clean"),
+        f"  bitmap    {plan.bitmap_blocks} blocks ({render.human_bytes(bitmap)}); "
+        f"metadata uses {render.human_bytes(plan.need_bytes)} of "
+        f"{render.human_bytes(plan.have_bytes)}",
+    ]
+
+
+@app.command("create-md")
+@edge
+def create_md(
+    ctx: typer.Context,
+    resource: Annotated[str, typer.Argument(help="The resource whose metadata to format.")],
+    node: Annotated[
+        str | None,
+        typer.Option("--node", "-n", help="Act as this node of the resource (default: host name)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite existing metadata or other data.")
+    ] = False,
+    all_dirty: Annotated[
+        bool, typer.Option("--all-dirty", help="Mark every chunk dirty (resync everything).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be written; write nothing.")
+    ] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Format the local metadata device of RESOURCE (superblock and dirty bitmap).
+
+    Refuses a metadata device that is missing, too small, in use, or already formatted
+    (unless --force).
+    """
+    plan = plan_metadata(_session(ctx).config(), resource, node)
+    if dry_run:
+        if plan.existing and not force:
+            raise metadata.MetadataError(
+                f"{plan.metadata}: already holds {plan.existing}; use --force to overwrite it"
+            )
+        if json:
+            render.print_json({"dry_run": True, **asdict(plan), "all_dirty": all_dirty})
+            return
+        typer.echo(f"would format {plan.metadata} for {plan.resource} on {plan.node}")
+        if plan.existing:
+            typer.echo(f"  replacing {plan.existing}")
+        for line in _describe_plan(plan, all_dirty):
+            typer.echo(line)
+        return
+    sb = create_metadata(plan, force=force, all_dirty=all_dirty)
+    if json:
+        render.print_json({"dry_run": False, **asdict(plan), "all_dirty": all_dirty,
+                           "uuid": sb.uuid})
+        return
+    typer.echo(f"formatted {plan.metadata} for {plan.resource} on {plan.node}")
+    if plan.existing:
+        typer.echo(f"  replaced  {plan.existing}")
+    typer.echo(f"  uuid      {sb.uuid}")
+    for line in _describe_plan(plan, all_dirty):
+        typer.echo(line)
+
+
+# --------------------------------------------------------------------------------------------
+# daemon
+# --------------------------------------------------------------------------------------------
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _setup_logging(level: LogLevel) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.value.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+@app.command()
+@edge
+def daemon(
+    ctx: typer.Context,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", "-n", help="Run as this node (default: the host name)."),
+    ] = None,
+    log_level: Annotated[
+        LogLevel, typer.Option("--log-level", case_sensitive=False, help="Logging threshold.")
+    ] = LogLevel.info,
+) -> None:
+    """Run the node daemon in the foreground (what the repctl systemd service runs).
+
+    Serves every resource of this node and the control socket; SIGTERM or SIGINT stops it.
+    """
+    _setup_logging(log_level)
+    cfg = _session(ctx).config()
+    try:
+        from repctl.daemon import Daemon
+    except ImportError as exc:
+        raise ReplError(f"the node daemon cannot be loaded: {exc}") from None
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        d = Daemon(cfg, node)
+        server = ControlServer(cfg.global_.control_socket, d)
+        server.bind()  # first: a second daemon must fail before it touches any device
+        try:
+            d.start()
+            server.serve()
+            log.info("repctl daemon running; control socket %s", server.path)
+            while not stop.wait(1.0):
+                pass
+        finally:
+            server.stop()
+            d.stop()
+        log.info("repctl daemon stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands that ask the daemon
+# --------------------------------------------------------------------------------------------
+
+ResourceArg = Annotated[str, typer.Argument(help="The resource.", show_default=False)]
+TargetArg = Annotated[
+    str | None, typer.Argument(help="One target of the resource (default: all of them).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _ask(ctx: typer.Context, cmd: str, resource: str, target: str | None = None) -> None:
+    result = _session(ctx).client().call(cmd, resource=resource, target=target)
+    if isinstance(result, str) and result:
+        typer.echo(result)
+    elif result in (None, "", {}, []):
+        where = f"{resource}/{target}" if target else resource
+        typer.echo(f"{where}: {cmd}: done")
+    else:
+        render.print_json(result)
+
+
+@app.command()
+@edge
+def up(ctx: typer.Context, resource: ResourceArg) -> None:
+    """Bring RESOURCE up on this node (as its source or as a target)."""
+    _ask(ctx, "up", resource)
+
+
+@app.command()
+@edge
+def down(ctx: typer.Context, resource: ResourceArg) -> None:
+    """Take RESOURCE down on this node."""
+    _ask(ctx, "down", resource)
+
+
+@app.command()
+@edge
+def pause(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -> None:
+    """Pause mirroring to TARGET (or every target); changes are tracked in the bitmap."""
+    _ask(ctx, "pause", resource, target)
+
+
+@app.command()
+@edge
+def resume(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -> None:
+    """Resume a paused mirror; only the chunks changed meanwhile are resynchronised."""
+    _ask(ctx, "resume", resource, target)
+
+
+@app.command()
+@edge
+def connect(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -> None:
+    """Connect to TARGET (or every target) again after a disconnect."""
+    _ask(ctx, "connect", resource, target)
+
+
+@app.command()
+@edge
+def disconnect(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -> None:
+    """Drop the connection to TARGET (or every target) and stay disconnected."""
+    _ask(ctx, "disconnect", resource, target)
+
+
+def _status(ctx: typer.Context, resource: str | None) -> dict[str, Any]:
+    st = _session(ctx).client().call("status")
+    if not isinstance(st, dict) or not isinstance(st.get("resources", []), list):
+        raise ReplError("the repctl daemon sent a malformed status")
+    if resource is None:
+        return st
+    chosen = [r for r in st.get("resources") or [] if r.get("name") == resource]
+    if not chosen:
+        _session(ctx).config().resource(resource)  # ConfigError for a name the file lacks
+        node = st.get("node") or "this node"
+        raise ReplError(f"resource {resource} is not up on {node} (repctl up {resource})")
+    return {**st, "resources": chosen}
+
+
+@app.command()
+@edge
+def status(
+    ctx: typer.Context,
+    resource: Annotated[str | None, typer.Argument(help="Only this resource.")] = None,
+    json: JsonOpt = False,
+    watch: Annotated[
+        float | None,
+        typer.Option("--watch", "-w", min=0.2, help="Refresh every SECONDS until Ctrl-C."),
+    ] = None,
+) -> None:
+    """Show the state of every resource and target of this node."""
+    if json and watch is not None:
+        raise typer.BadParameter("--json prints one document; it does not go with --watch")
+    if json:
+        render.print_json(_status(ctx, resource))
+        return
+    con = render.console()
+    if watch is None:
+        con.print(render.status_view(_status(ctx, resource)))
+        return
+    from rich.live import Live
+
+    with Live(render.status_view(_status(ctx, resource)), console=con, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(render.status_view(_status(ctx, resource)), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@contextmanager
+def _working(text: str) -> Iterator[None]:
+    """A spinner on stderr while a long daemon call blocks (only on a terminal)."""
+    con = render.console(stderr=True)
+    if not con.is_terminal:
+        yield
+        return
+    with con.status(text):
+        yield
+
+
+VERIFY_COLUMNS = (
+    render.Column("chunk", "Chunk", justify="right"),
+    render.Column("offset", "Offset", justify="right"),
+    render.Column("length", "Length", render.human_bytes, "right"),
+)
+
+
+@app.command()
+@edge
+def verify(
+    ctx: typer.Context,
+    resource: ResourceArg,
+    target: Annotated[str, typer.Argument(help="The target to compare with.", show_default=False)],
+    json: JsonOpt = False,
+) -> None:
+    """Compare RESOURCE with TARGET chunk by chunk (checksums); exit 0 only if identical.
+
+    Exit 3 when chunks differ, 1 on an error. The daemon blocks until the comparison is done.
+    """
+    client = _session(ctx).client(timeout=None)
+    with _working(f"verifying {resource} against {target}..."):
+        result = client.call("verify", resource=resource, target=target)
+    if not isinstance(result, dict):
+        raise ReplError("the repctl daemon sent a malformed verify result")
+    differing = [c for c in result.get("differing") or [] if isinstance(c, int)]
+    count = result.get("differing_count", len(differing))
+    identical = bool(result.get("identical", count == 0))
+    chunks, chunk_size = result.get("chunks"), result.get("chunk_size")
+    if json:
+        render.print_json(result)
+    elif identical:
+        compared = f" ({chunks} chunks compared)" if chunks is not None else ""
+        typer.echo(f"{resource}/{target}: identical{compared}")
+    else:
+        size = chunk_size if isinstance(chunk_size, int) else 0
+        rows = [
+            {"chunk": c, "offset": c * size if size else None, "length": size or None}
+            for c in differing[:VERIFY_SHOWN]
+        ]
+        of = f" of {chunks}" if chunks is not None else ""
+        footer = [f"... and {count - len(rows)} more"] if count > len(rows) else []
+        render.print_table(
+            rows, VERIFY_COLUMNS, title=f"{resource}/{target}: {count}{of} chunks differ",
+            footer=footer,
+        )
+    raise typer.Exit(0 if identical else EXIT_DIFFERS)
+
+
+@app.command()
+@edge
+def events(ctx: typer.Context, json: JsonOpt = False) -> None:
+    """Follow the daemon's state changes live, one line each, until Ctrl-C."""
+    stream = _session(ctx).client().events()
+    try:
+        for event in stream:
+            typer.echo(jsonlib.dumps(event) if json else render.event_line(event))
+    except KeyboardInterrupt:
+        return
+    raise ReplError("the repctl daemon closed the event stream (did it stop?)")

@@ -1,0 +1,343 @@
+"""How the CLI shows things: the one table printer (which also speaks JSON) and the status view.
+
+Everything here is a pure function of plain data (the daemon's status dict, a verify result, an
+event) to text or rich renderables, so tests compare strings and the CLI stays thin.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+__all__ = [
+    "STATUS_COLUMNS",
+    "Column",
+    "console",
+    "event_line",
+    "human_bytes",
+    "human_duration",
+    "human_rate",
+    "print_json",
+    "print_table",
+    "status_details",
+    "status_rows",
+    "status_view",
+    "table",
+]
+
+MISSING = "-"
+
+#: Colour of each mirror state (docs/cli.md lists the states).
+STATE_STYLES: Mapping[str, str] = {
+    "streaming": "green",
+    "syncing": "cyan",
+    "connecting": "yellow",
+    "behind": "yellow",
+    "paused": "blue",
+    "disconnected": "red",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: object) -> str:
+    """``0 B``, ``512 B``, ``4.0 KiB``, ``1.5 GiB``; ``-`` for a missing value."""
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return MISSING
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_rate(bps: object) -> str:
+    """Bytes per second as ``12.0 MiB/s``."""
+    text = human_bytes(bps)
+    return text if text == MISSING else f"{text}/s"
+
+
+def human_duration(seconds: object) -> str:
+    """``42s``, ``5m03s``, ``2h07m``, ``3d04h``; ``-`` for a missing value."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds != seconds:
+        return MISSING
+    s = max(int(seconds + 0.5), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+# --------------------------------------------------------------------------------------------
+# The shared printer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: the row key it shows, its header, and how a value becomes a cell."""
+
+    key: str
+    header: str
+    fmt: Callable[[Any], str | Text] = lambda v: MISSING if v is None else str(v)
+    justify: Literal["left", "right", "center"] = "left"
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console on stdout (or stderr). Not a terminal and no COLUMNS: wide, so that a pipe or a
+    log gets whole lines rather than wrapped cells."""
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con = Console(stderr=stderr, highlight=False, width=200)
+    return con
+
+
+def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[Column]) -> Table:
+    """A rich table of `rows` (dicts keyed by the columns' keys), no borders."""
+    out = Table(header_style="bold", box=None, pad_edge=False)
+    for col in columns:
+        out.add_column(col.header, justify=col.justify, no_wrap=True)
+    for row in rows:
+        out.add_row(*(col.fmt(row.get(col.key)) for col in columns))
+    return out
+
+
+def print_json(doc: object, *, file: Any = None) -> None:
+    """Exactly one JSON document on stdout (indented, sorted as given), newline-terminated."""
+    out = file if file is not None else sys.stdout
+    out.write(jsonlib.dumps(doc, indent=2) + "\n")
+    out.flush()
+
+
+def print_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Column],
+    *,
+    json: bool = False,
+    doc: object = None,
+    title: str | None = None,
+    footer: Sequence[str] = (),
+) -> None:
+    """Print `rows` as a table with `columns`, or with ``json=True`` one JSON document: `doc` if
+    given (the command's whole result), else the rows as a list of objects with raw values."""
+    if json:
+        print_json(doc if doc is not None else [dict(r) for r in rows])
+        return
+    con = console()
+    if title:
+        con.print(title, markup=False)  # a line of its own: a table title would wrap to its width
+    con.print(table(rows, columns))
+    for line in footer:
+        con.print(line, markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Status
+# --------------------------------------------------------------------------------------------
+
+
+def state_text(state: object) -> Text:
+    if state is None:
+        return Text(MISSING)
+    return Text(str(state), style=STATE_STYLES.get(str(state), ""))
+
+
+def _sync(sync: object) -> str:
+    if not isinstance(sync, Mapping):
+        return MISSING
+    total, done = sync.get("total_bytes"), sync.get("done_bytes")
+    parts = []
+    if isinstance(total, int | float) and isinstance(done, int | float) and total > 0:
+        parts.append(f"{min(100.0, 100.0 * done / total):.1f}%")
+    if sync.get("rate_bps") is not None:
+        parts.append(human_rate(sync["rate_bps"]))
+    if sync.get("eta_s") is not None:
+        parts.append(f"ETA {human_duration(sync['eta_s'])}")
+    return " ".join(parts) or MISSING
+
+
+def _lag(lag: object) -> str:
+    if not isinstance(lag, Mapping):
+        return MISSING
+    text = human_bytes(lag.get("bytes"))
+    records = lag.get("records")
+    if isinstance(records, int) and records:
+        text = f"{text} ({records} writes)" if text != MISSING else f"{records} writes"
+    return text
+
+
+STATUS_COLUMNS: Sequence[Column] = (
+    Column("resource", "Resource"),
+    Column("role", "Role"),
+    Column("target", "Target"),
+    Column("mode", "Mode"),
+    Column("state", "State", state_text),
+    Column("connection", "Connection"),
+    Column("out_of_sync", "Out of sync", human_bytes, "right"),
+    Column("sync", "Sync", _sync),
+    Column("lag", "Lag", _lag, "right"),
+    Column("sent", "Sent", lambda v: v if isinstance(v, str) else human_bytes(v), "right"),
+)
+
+
+def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per (resource, target) for `STATUS_COLUMNS`.
+
+    A resource this node is a target of has one row: its source in the Target column
+    (``<- alpha``) and the bytes received in the Sent column (``recv 1.0 MiB``).
+    """
+    rows: list[dict[str, Any]] = []
+    for res in status.get("resources") or []:
+        base = {"resource": res.get("name"), "role": res.get("role")}
+        targets = res.get("targets") or []
+        if res.get("role") == "target" or not targets:
+            source = res.get("source")
+            received = res.get("bytes_received")
+            rows.append({
+                **base,
+                "target": f"<- {source}" if source else None,
+                "state": res.get("state"),
+                "connection": res.get("connection"),
+                "sent": f"recv {human_bytes(received)}" if received is not None else None,
+            })
+            continue
+        for t in targets:
+            rows.append({
+                **base,
+                "target": t.get("name"),
+                "mode": t.get("mode"),
+                "state": t.get("state"),
+                "connection": t.get("connection"),
+                "out_of_sync": t.get("out_of_sync_bytes"),
+                "sync": t.get("sync"),
+                "lag": {"bytes": t.get("lag_bytes"), "records": t.get("lag_records")},
+                "sent": t.get("bytes_sent"),
+            })
+    return rows
+
+
+_KNOWN_RES = {"name", "role", "device", "kernel", "targets", "source", "connection", "state",
+              "consistent", "bytes_received", "last_error", "size"}
+_KNOWN_TARGET = {"name", "mode", "state", "connection", "address", "out_of_sync_bytes",
+                 "bytes_sent", "lag_bytes", "lag_records", "sync", "last_error"}
+
+
+def _extra(d: Mapping[str, Any], known: set[str]) -> list[str]:
+    return [f"{k} {v}" for k, v in d.items() if k not in known and v is not None]
+
+
+def status_details(status: Mapping[str, Any]) -> list[str]:
+    """The fields the table has no column for, one line per resource and per target with any:
+    device, size, kernel state, addresses, consistency, last errors, and fields unknown here."""
+    lines: list[str] = []
+    for res in status.get("resources") or []:
+        name = res.get("name", "?")
+        parts = []
+        if res.get("device"):
+            parts.append(str(res["device"]))
+        if res.get("size") is not None:
+            parts.append(human_bytes(res["size"]))
+        kernel = res.get("kernel")
+        if isinstance(kernel, Mapping):
+            k = f"kernel {kernel.get('mode', '?')}"
+            if kernel.get("reason"):
+                k += f" ({kernel['reason']})"
+            if kernel.get("dirty_chunks") is not None:
+                k += f", {kernel['dirty_chunks']} dirty chunks"
+                if kernel.get("chunk_size"):
+                    k += f" of {human_bytes(kernel['chunk_size'])}"
+            if kernel.get("ring_bytes"):
+                k += (f", ring {human_bytes(kernel.get('ring_used'))} of "
+                      f"{human_bytes(kernel['ring_bytes'])} used")
+            k += "".join(
+                f", {key} {value}" for key, value in kernel.items()
+                if key not in {"mode", "reason", "dirty_chunks", "chunk_size", "ring_used",
+                               "ring_bytes"}
+            )
+            parts.append(k)
+        if res.get("consistent") is not None:
+            parts.append("consistent" if res["consistent"] else "INCONSISTENT (sync not finished)")
+        parts += _extra(res, _KNOWN_RES)
+        if res.get("last_error"):
+            parts.append(f"last error: {res['last_error']}")
+        if parts:
+            lines.append(f"{name}: " + ", ".join(parts))
+        for t in res.get("targets") or []:
+            tparts = []
+            if t.get("address"):
+                tparts.append(f"at {t['address']}")
+            tparts += _extra(t, _KNOWN_TARGET)
+            if t.get("last_error"):
+                tparts.append(f"last error: {t['last_error']}")
+            if tparts:
+                lines.append(f"{name} -> {t.get('name', '?')}: " + ", ".join(tparts))
+    return lines
+
+
+def status_view(status: Mapping[str, Any]) -> RenderableType:
+    """The whole `repctl status` screen: the table, then the detail lines."""
+    node = status.get("node")
+    rows = status_rows(status)
+    title = f"repctl on {node}" if node else None
+    parts: list[RenderableType] = []
+    if not rows:
+        parts.append(Text(f"{title + ': ' if title else ''}no resource is up"))
+    else:
+        if title:
+            parts.append(Text(title, style="bold"))
+        parts.append(table(rows, STATUS_COLUMNS))
+    details = status_details(status)
+    if details:
+        parts.append(Text(""))
+        parts.extend(Text(line) for line in details)
+    return Group(*parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------
+
+
+def event_line(event: Mapping[str, Any]) -> str:
+    """One line for an event: ``12:03:04 r0/beta state: syncing -> streaming (caught up)``.
+
+    Known keys: time (unix seconds), resource, target, what, old, new, text; any other key is
+    appended as ``key=value``.
+    """
+    when = event.get("time")
+    stamp = (
+        time.strftime("%H:%M:%S", time.localtime(when))
+        if isinstance(when, int | float)
+        else time.strftime("%H:%M:%S")
+    )
+    where = str(event.get("resource") or "-")
+    if event.get("target"):
+        where += f"/{event['target']}"
+    line = f"{stamp} {where} {event.get('what') or 'event'}"
+    if "old" in event or "new" in event:
+        line += f": {event.get('old') or '?'} -> {event.get('new') or '?'}"
+    if event.get("text"):
+        line += f" ({event['text']})"
+    extra = [
+        f"{k}={v}" for k, v in event.items()
+        if k not in {"time", "resource", "target", "what", "old", "new", "text"}
+    ]
+    if extra:
+        line += " " + " ".join(extra)
+    return line

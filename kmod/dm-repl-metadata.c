@@ -58,13 +58,14 @@ int repl_md_alloc(struct repl_c *rc)
 	rc->image = vzalloc((size_t)rc->bitmap_blocks * REPL_META_BLOCK_SIZE);
 	rc->blocks_dirty = bitmap_zalloc(rc->bitmap_blocks, GFP_KERNEL);
 	rc->blocks_writing = bitmap_zalloc(rc->bitmap_blocks, GFP_KERNEL);
+	rc->sb_block = kzalloc(REPL_META_BLOCK_SIZE, GFP_KERNEL);
 	rc->io_client = dm_io_client_create();
 	if (IS_ERR(rc->io_client)) {
 		rc->io_client = NULL;
 		return -ENOMEM;
 	}
 	if (!rc->dirty || !rc->recent || !rc->image || !rc->blocks_dirty ||
-	    !rc->blocks_writing)
+	    !rc->blocks_writing || !rc->sb_block)
 		return -ENOMEM;
 	return 0;
 }
@@ -78,6 +79,7 @@ void repl_md_free(struct repl_c *rc)
 	vfree(rc->image);
 	bitmap_free(rc->blocks_dirty);
 	bitmap_free(rc->blocks_writing);
+	kfree(rc->sb_block);
 }
 
 /*
@@ -97,11 +99,7 @@ int repl_md_read_superblock(struct repl_c *rc, char **error)
 		return -EINVAL;
 	}
 
-	block = kzalloc(REPL_META_BLOCK_SIZE, GFP_KERNEL);
-	if (!block) {
-		*error = "Cannot allocate superblock buffer";
-		return -ENOMEM;
-	}
+	block = rc->sb_block;
 	r = md_io(rc, REQ_OP_READ, block, 0, 1);
 	if (r) {
 		*error = "Cannot read metadata superblock";
@@ -142,7 +140,6 @@ int repl_md_read_superblock(struct repl_c *rc, char **error)
 	memcpy(&rc->sb, sb, sizeof(rc->sb));
 	r = 0;
 out:
-	kfree(block);
 	return r;
 }
 
@@ -184,6 +181,11 @@ int repl_md_commit(struct repl_c *rc)
 	int r = 0;
 
 	spin_lock_irqsave(&rc->lock, flags);
+	if (rc->meta_mode == REPL_META_FAIL) {
+		/* the in-core bitmap may be incomplete: never write it over the disk */
+		spin_unlock_irqrestore(&rc->lock, flags);
+		return -EIO;
+	}
 	bitmap_copy(rc->blocks_writing, rc->blocks_dirty, rc->bitmap_blocks);
 	bitmap_zero(rc->blocks_dirty, rc->bitmap_blocks);
 	for_each_set_bit(b, rc->blocks_writing, rc->bitmap_blocks) {
@@ -214,6 +216,7 @@ int repl_md_commit(struct repl_c *rc)
 		bitmap_or(rc->blocks_dirty, rc->blocks_dirty, rc->blocks_writing,
 			  rc->bitmap_blocks);
 		rc->meta_mode = REPL_META_FAIL;
+		repl_raise_event(rc);
 	}
 	bitmap_zero(rc->blocks_writing, rc->bitmap_blocks);
 	spin_unlock_irqrestore(&rc->lock, flags);
@@ -224,13 +227,11 @@ int repl_md_commit(struct repl_c *rc)
 
 int repl_md_write_superblock(struct repl_c *rc, bool clean)
 {
-	u8 *block;
+	u8 *block = rc->sb_block;
 	struct repl_superblock *sb;
 	int r;
 
-	block = kzalloc(REPL_META_BLOCK_SIZE, GFP_KERNEL);
-	if (!block)
-		return -ENOMEM;
+	memset(block, 0, REPL_META_BLOCK_SIZE);
 	sb = (struct repl_superblock *)block;
 	memcpy(sb, &rc->sb, sizeof(*sb));
 	if (clean)
@@ -243,6 +244,5 @@ int repl_md_write_superblock(struct repl_c *rc, bool clean)
 	r = md_io(rc, REQ_OP_WRITE | REQ_SYNC | REQ_FUA, block, 0, 1);
 	if (!r)
 		memcpy(&rc->sb, sb, sizeof(*sb));
-	kfree(block);
 	return r;
 }

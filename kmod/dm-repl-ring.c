@@ -190,7 +190,7 @@ static long do_attach(struct repl_file *rf, void __user *arg)
 	a.desc_count = rc->desc_count;
 	a.desc_bytes = rc->desc_bytes;
 	a.data_bytes = rc->data_bytes;
-	a.data_sectors = rc->ti->len;
+	a.data_sectors = rc->sectors;
 	a.nr_chunks = rc->nr_chunks;
 	a.chunk_sectors = rc->chunk_sectors;
 	a.sync_timeout_ms = rc->sync_timeout_ms;
@@ -238,6 +238,23 @@ static long do_mark(struct repl_c *rc, void __user *arg, bool start_stream)
 	LIST_HEAD(release);
 	long r;
 
+	if (start_stream) {
+		u64 before;
+
+		/*
+		 * Writes of the old stream may still be copying into ring space
+		 * that the reset hands out again: stop reserving (tracking), and
+		 * let every write entered so far complete before the reset.
+		 */
+		spin_lock_irq(&rc->lock);
+		if (rc->mode == REPL_MODE_STREAMING)
+			repl_set_mode(rc, REPL_MODE_TRACKING, REPL_REASON_STARTED);
+		before = rc->next_seq;
+		spin_unlock_irq(&rc->lock);
+		r = wait_published(rc, before);
+		if (r)
+			return r;
+	}
 	spin_lock_irq(&rc->lock);
 	if (start_stream) {
 		repl_release_sync_waiters(rc, U64_MAX, &release);
@@ -316,15 +333,21 @@ static long do_clean(struct repl_c *rc, void __user *arg)
 		return r;
 	c.cleared = 0;
 	end = c.first + c.count;
+	r = 0;
 
 	mutex_lock(&rc->commit_lock);
-	spin_lock_irq(&rc->lock);
-	if (c.mark != rc->mark || !c.mark) {
-		spin_unlock_irq(&rc->lock);
+	if (rc->dead || rc->suspended) {
+		/* removed, or suspended for a reload: the metadata is not ours */
 		mutex_unlock(&rc->commit_lock);
-		return -ESTALE;
+		return rc->dead ? -ENODEV : -EAGAIN;
 	}
+	spin_lock_irq(&rc->lock);
 	for (i = c.first; i < end; i++) {
+		if (c.mark != rc->mark || !c.mark) {
+			/* a MARK came (now or while the lock was dropped) */
+			r = -ESTALE;
+			break;
+		}
 		if (test_bit(i, rc->dirty) && !test_bit(i, rc->recent)) {
 			__clear_bit(i, rc->dirty);
 			__set_bit(i / REPL_BITS_PER_BLOCK, rc->blocks_dirty);
@@ -339,7 +362,11 @@ static long do_clean(struct repl_c *rc, void __user *arg)
 		}
 	}
 	spin_unlock_irq(&rc->lock);
-	r = repl_md_commit(rc);
+	if (c.cleared || r) {
+		long w = repl_md_commit(rc);
+
+		r = r ?: w;
+	}
 	mutex_unlock(&rc->commit_lock);
 	if (r)
 		return r;

@@ -48,6 +48,7 @@ static const char *const reason_names[] = {
 	[REPL_REASON_DETACHED] = "detached",
 	[REPL_REASON_MESSAGE] = "message",
 	[REPL_REASON_STARTED] = "started",
+	[REPL_REASON_IO_ERROR] = "io_error",
 };
 
 /*----------------------------------------------------------------
@@ -123,13 +124,17 @@ static void event_work(struct work_struct *ws)
 	kobject_uevent_env(&disk_to_dev(dm_disk(md))->kobj, KOBJ_CHANGE, envp);
 }
 
-/* rc->lock held.  Raises a dm event and a uevent from process context. */
-static void raise_event(struct repl_c *rc)
+/*
+ * rc->lock held.  Raises a dm event and a uevent from process context, on
+ * the system workqueue so that slow metadata I/O in our worker cannot delay
+ * it (nor the sync timeout).
+ */
+void repl_raise_event(struct repl_c *rc)
 {
 	rc->events++;
 	wake_up_all(&rc->waitq);
 	if (!rc->dead)
-		queue_work(rc->wq, &rc->event_work);
+		schedule_work(&rc->event_work);
 }
 
 /* rc->lock held */
@@ -139,7 +144,7 @@ void repl_set_mode(struct repl_c *rc, u32 mode, u32 reason)
 		return;
 	rc->mode = mode;
 	rc->reason = reason;
-	raise_event(rc);
+	repl_raise_event(rc);
 }
 
 /*----------------------------------------------------------------
@@ -196,7 +201,7 @@ static void timeout_work(struct work_struct *ws)
 
 	repl_complete_list(&release);
 	if (again)
-		queue_delayed_work(rc->wq, &rc->timeout_work, HZ / 10);
+		schedule_delayed_work(&rc->timeout_work, HZ / 10);
 }
 
 /*----------------------------------------------------------------
@@ -412,6 +417,7 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 	struct repl_io *io = dm_per_bio_data(bio, sizeof(struct repl_io));
 	struct repl_io *head;
 	unsigned long flags;
+	LIST_HEAD(release);
 	bool kick = false, wait_ack = false;
 
 	if (!io->is_write || io->ack_done)
@@ -419,6 +425,14 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 
 	spin_lock_irqsave(&rc->lock, flags);
 	list_del_init(&io->list);
+	if (*error && io->in_ring && rc->mode == REPL_MODE_STREAMING) {
+		/*
+		 * The data device failed the write: its record must not reach a
+		 * target as if it had been written.  Stop the ring here; the chunk
+		 * stays dirty and a resync copies what the device really holds.
+		 */
+		fall_behind(rc, REPL_REASON_IO_ERROR, &release);
+	}
 	head = list_first_entry_or_null(&rc->inflight, struct repl_io, list);
 	rc->published = head ? head->seq - 1 : rc->next_seq - 1;
 	kick = unpark(rc);
@@ -426,14 +440,15 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 	if (io->in_ring && rc->mode == REPL_MODE_STREAMING &&
 	    (rc->flags & REPL_F_SYNC) && io->seq > max(rc->acked, rc->released) && !*error) {
 		io->issued = jiffies;
-		if (list_empty(&rc->sync_waiters))
-			queue_delayed_work(rc->wq, &rc->timeout_work,
-					   msecs_to_jiffies(rc->sync_timeout_ms));
+		if (list_empty(&rc->sync_waiters) && !rc->dead)
+			schedule_delayed_work(&rc->timeout_work,
+					      msecs_to_jiffies(rc->sync_timeout_ms));
 		list_add_tail(&io->list, &rc->sync_waiters);
 		wait_ack = true;
 	}
 	spin_unlock_irqrestore(&rc->lock, flags);
 
+	repl_complete_list(&release);
 	wake_up_all(&rc->waitq);
 	if (kick)
 		queue_work(rc->wq, &rc->worker);
@@ -477,7 +492,7 @@ static void do_worker(struct work_struct *ws)
 	}
 	list_splice_tail_init(&rc->ready, &ready);
 	if (r)
-		raise_event(rc);
+		repl_raise_event(rc);
 	spin_unlock_irqrestore(&rc->lock, flags);
 
 	list_for_each_entry_safe(io, tmp, &ready, work) {
@@ -598,17 +613,20 @@ static void repl_dtr(struct dm_target *ti)
 	mutex_unlock(&repl_targets_lock);
 	wake_up_all(&rc->waitq);
 
+	cancel_delayed_work_sync(&rc->timeout_work);
+	cancel_work_sync(&rc->event_work);
 	if (rc->wq) {
-		cancel_delayed_work_sync(&rc->timeout_work);
-		flush_workqueue(rc->wq);
-		destroy_workqueue(rc->wq);
+		destroy_workqueue(rc->wq);	/* drains the worker */
 		rc->wq = NULL;
 	}
+	/* a consumer's CLEAN checks dead under commit_lock before any I/O */
+	mutex_lock(&rc->commit_lock);
 	if (rc->data_dev)
 		dm_put_device(ti, rc->data_dev);
 	if (rc->meta_dev)
 		dm_put_device(ti, rc->meta_dev);
 	rc->data_dev = rc->meta_dev = NULL;
+	mutex_unlock(&rc->commit_lock);
 	repl_put(rc);
 }
 
@@ -682,6 +700,7 @@ static int repl_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		r = -EINVAL;
 		goto bad;
 	}
+	rc->sectors = ti->len;
 	rc->nr_chunks = DIV_ROUND_UP_ULL(ti->len, rc->chunk_sectors);
 	rc->bitmap_blocks = DIV_ROUND_UP_ULL(rc->nr_chunks, REPL_BITS_PER_BLOCK);
 
@@ -739,8 +758,10 @@ static void repl_postsuspend(struct dm_target *ti)
 	/* all I/O is done: commit what the worker may not have */
 	flush_workqueue(rc->wq);
 	mutex_lock(&rc->commit_lock);
-	if (!repl_md_commit(rc))
-		repl_md_write_superblock(rc, true);
+	if (!repl_md_commit(rc) && repl_md_write_superblock(rc, true))
+		DMERR("%u:%u: cannot mark the metadata clean", MAJOR(rc->devt), MINOR(rc->devt));
+	/* until our own preresume, the metadata is the next table's */
+	rc->suspended = true;
 	mutex_unlock(&rc->commit_lock);
 	rc->resumed = false;
 }
@@ -751,9 +772,14 @@ static int repl_preresume(struct dm_target *ti)
 	unsigned long flags;
 	int r;
 
+	char *error = NULL;
+
 	mutex_lock(&rc->commit_lock);
+	rc->suspended = false;
 	/* the previous table (if any) committed its bitmap at postsuspend */
-	r = repl_md_load_bitmap(rc);
+	r = repl_md_read_superblock(rc, &error);
+	if (!r)
+		r = repl_md_load_bitmap(rc);
 	if (!r) {
 		rc->unclean_start = !(le32_to_cpu(rc->sb.flags) & REPL_SB_CLEAN);
 		r = repl_md_write_superblock(rc, false);
@@ -764,7 +790,7 @@ static int repl_preresume(struct dm_target *ti)
 		      MAJOR(rc->devt), MINOR(rc->devt), r);
 		spin_lock_irqsave(&rc->lock, flags);
 		rc->meta_mode = REPL_META_FAIL;
-		raise_event(rc);
+		repl_raise_event(rc);
 		spin_unlock_irqrestore(&rc->lock, flags);
 	}
 	rc->resumed = true;
@@ -844,6 +870,11 @@ static int repl_message(struct dm_target *ti, unsigned int argc, char **argv,
 			return -EINVAL;
 		}
 		mutex_lock(&rc->commit_lock);
+		if (rc->suspended) {
+			mutex_unlock(&rc->commit_lock);
+			DMWARN("mark_dirty: device suspended");
+			return -EAGAIN;
+		}
 		spin_lock_irqsave(&rc->lock, flags);
 		for (c = first; c < first + count; c++) {
 			if (!__test_and_set_bit(c, rc->dirty)) {
@@ -871,6 +902,7 @@ static struct target_type repl_target = {
 	.name = REPL_TARGET_NAME,
 	.version = {1, 0, 0},
 	.module = THIS_MODULE,
+	.features = DM_TARGET_SINGLETON,
 	.ctr = repl_ctr,
 	.dtr = repl_dtr,
 	.map = repl_map,

@@ -100,6 +100,7 @@ struct repl_rec {
 #define REPL_REASON_DETACHED 5
 #define REPL_REASON_MESSAGE 6
 #define REPL_REASON_STARTED 7
+#define REPL_REASON_IO_ERROR 8
 
 /* metadata modes (repl_state.meta_mode) */
 #define REPL_META_RW 0

@@ -60,6 +60,8 @@ struct repl_c {
 	struct kref ref;		/* target + attached consumer */
 	bool dead;			/* destructor ran */
 	bool resumed;
+	bool suspended;			/* postsuspend ran; metadata belongs to the next table */
+	sector_t sectors;		/* length of the target */
 
 	sector_t chunk_sectors;
 	unsigned int chunk_shift;
@@ -118,6 +120,7 @@ struct repl_c {
 	struct mutex commit_lock;
 	struct dm_io_client *io_client;
 	__le64 *image;			/* on-disk form of the bitmap */
+	void *sb_block;			/* preallocated: no allocation on the suspend path */
 	struct repl_superblock sb;	/* last read or written */
 };
 
@@ -130,6 +133,7 @@ int repl_md_alloc(struct repl_c *rc);
 void repl_md_free(struct repl_c *rc);
 
 /* dm-repl-target.c */
+void repl_raise_event(struct repl_c *rc);			/* rc->lock held */
 void repl_set_mode(struct repl_c *rc, u32 mode, u32 reason);	/* rc->lock held */
 void repl_release_sync_waiters(struct repl_c *rc, u64 upto, struct list_head *out);
 void repl_complete_list(struct list_head *ios);

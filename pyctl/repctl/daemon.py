@@ -153,9 +153,7 @@ class Link:
     def set_admin(self, admin: str) -> None:
         self.saved["admin"] = admin
         _json_save(self.state_path, self.saved)
-        self.wake.set()
-        if admin != "up" and self.conn is not None:
-            self._drop(f"{admin} by the administrator", quiet=True)
+        self.wake.set()  # the sender stops at a record boundary (_pause)
 
     def status(self) -> dict[str, Any]:
         st = self.res.kstate

@@ -438,6 +438,9 @@ class FramedConnection:
                 self.sock.settimeout(old)
 
     def close(self) -> None:
+        """Close now: shut down first, so that a thread blocked in recv wakes and the peer sees EOF."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

@@ -1,0 +1,345 @@
+"""End to end: three nodes in network namespaces, real daemons, real sockets, the repctl CLI.
+
+alpha (source) -> beta (sync, block device), gamma (async, image file).  Each
+node is a network namespace joined to alpha by its own veth pair; the daemons
+are separate processes started with `repctl daemon`.  Bytes on the wire are
+read from alpha's veth counters.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import ROOT, config_text, wait_for, write_secret
+from replfix import sha256_of
+
+REPO = Path(__file__).resolve().parents[2]
+REPCTL = [str(REPO / ".venv" / "bin" / "repctl")]
+RESULTS = Path(os.environ.get("REPCTL_VM_RESULTS", "/tmp"))
+SIZE_MB = 64
+CHUNK = 4096
+
+NODES = {
+    "alpha": ("rp-alpha", None),
+    "beta": ("rp-beta", ("ab0", "ba0", "10.77.1.1", "10.77.1.2")),
+    "gamma": ("rp-gamma", ("ag0", "ga0", "10.77.2.1", "10.77.2.2")),
+}
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+class Cluster:
+    def __init__(self, cleanup, loopdev):
+        self.cleanup = cleanup
+        self.procs: dict[str, subprocess.Popen] = {}
+        os.system(f"rm -rf {ROOT}")
+        for node, (ns, link) in NODES.items():
+            sh("ip", "netns", "add", ns)
+            cleanup.netns(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for node, (ns, link) in NODES.items():
+            if link:
+                a, b, ip_a, ip_b = link
+                sh("ip", "link", "add", a, "netns", "rp-alpha", "type", "veth", "peer", "name", b,
+                   "netns", ns)
+                sh("ip", "-n", "rp-alpha", "addr", "add", f"{ip_a}/24", "dev", a)
+                sh("ip", "-n", ns, "addr", "add", f"{ip_b}/24", "dev", b)
+                sh("ip", "-n", "rp-alpha", "link", "set", a, "up")
+                sh("ip", "-n", ns, "link", "set", b, "up")
+        self.data = loopdev(SIZE_MB)
+        self.meta = loopdev(2)
+        self.beta_dev = loopdev(SIZE_MB)
+        self.gamma_img = ROOT / "gamma" / "r0.img"
+        self.gamma_img.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.gamma_img, "wb") as f:
+            f.truncate(SIZE_MB << 20)
+        self.nodes = {
+            "alpha": {"address": "10.77.1.1", "device": self.data, "metadata": self.meta},
+            "beta": {"address": "10.77.1.2", "device": self.beta_dev},
+            "gamma": {"address": "10.77.2.2", "device": str(self.gamma_img)},
+        }
+        self.secret = write_secret(ROOT / "secret")
+        self.cfg = {}
+        for node in NODES:
+            (ROOT / node).mkdir(parents=True, exist_ok=True)
+            path = ROOT / node / "repctl.yaml"
+            path.write_text(config_text(node, self.nodes, {"beta": "sync", "gamma": "async"},
+                                        secret=self.secret))
+            self.cfg[node] = path
+        self.dev = "/dev/mapper/r0"
+        cleanup.add("daemons", self.stop_all)
+
+    def repctl(self, node: str, *args: str, check: bool = True, timeout: float = 300):
+        return sh(*REPCTL, "-c", str(self.cfg[node]), *args, check=check, timeout=timeout)
+
+    def start(self, node: str) -> None:
+        ns = NODES[node][0]
+        log = open(RESULTS / f"daemon-{node}.log", "a")
+        self.procs[node] = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *REPCTL, "-c", str(self.cfg[node]), "daemon", "--node", node],
+            stdout=log, stderr=subprocess.STDOUT)
+        sock = ROOT / node / "repctl.sock"
+        wait_for(lambda: sock.exists(), 120, f"{node}'s control socket")
+
+    def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs.pop(node)
+        p.send_signal(sig)
+        p.wait(30)
+        if sig == signal.SIGKILL:
+            (ROOT / node / "repctl.sock").unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        for node in list(self.procs):
+            try:
+                self.kill(node, signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                self.kill(node)
+        if Path(self.dev).exists():
+            sh("dmsetup", "remove", "--retry", "r0", check=False)
+
+    def status(self) -> dict:
+        out = self.repctl("alpha", "status", "--json").stdout
+        return json.loads(out)["resources"][0]
+
+    def states(self) -> dict[str, str]:
+        return {t["name"]: t["state"] for t in self.status()["targets"]}
+
+    def converged(self) -> bool:
+        try:
+            st = self.status()
+        except AssertionError:  # the daemon is restarting
+            return False
+        k = st["kernel"] or {}
+        return (k.get("acked", -1) >= k.get("published", 0)
+                and all(t["state"] in ("streaming", "paused") and t["out_of_sync_bytes"] == 0
+                        and t["lag_records"] == 0 for t in st["targets"]))
+
+    def wait_converged(self, timeout: float = 180) -> None:
+        wait_for(self.converged, timeout, "all targets caught up", interval=0.5)
+
+    def tx(self, target: str) -> tuple[int, int]:
+        dev = NODES[target][1][0]
+        base = f"/sys/class/net/{dev}/statistics"
+        out = sh("ip", "netns", "exec", "rp-alpha", "cat", f"{base}/tx_bytes", f"{base}/tx_packets")
+        b, p = out.stdout.split()
+        return int(b), int(p)
+
+    def digests(self) -> dict[str, str]:
+        size = SIZE_MB << 20
+        return {"alpha": sha256_of(self.dev, size), "beta": sha256_of(self.beta_dev, size),
+                "gamma": sha256_of(str(self.gamma_img), size)}
+
+
+@pytest.fixture
+def cluster(cleanup, loopdev):
+    c = Cluster(cleanup, loopdev)
+    c.repctl("alpha", "create-md", "r0", "--node", "alpha")
+    for node in ("beta", "gamma", "alpha"):
+        c.start(node)
+    wait_for(lambda: Path(c.dev).exists(), 30, "the replicated device")
+    c.wait_converged()
+    return c
+
+
+def fio(dev: str, *args: str, timeout: float = 300) -> None:
+    sh("fio", "--name=w", "--output-format=terse", f"--filename={dev}", *args, timeout=timeout)
+
+
+def direct_write(path: str, offset: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], offset)
+    finally:
+        os.close(fd)
+
+
+def direct_read(path: str, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def test_three_nodes_ext4_fio_and_verify(cluster):
+    c = cluster
+    sh("mkfs.ext4", "-q", "-F", c.dev)
+    mnt = Path("/tmp/rp-mnt")
+    mnt.mkdir(exist_ok=True)
+    sh("mount", c.dev, str(mnt))
+    c.cleanup.add("umount", lambda: sh("umount", str(mnt), check=False))
+    fio(str(mnt / "v"), "--size=12M", "--rw=randwrite", "--bssplit=4k/50:64k/30:256k/20",
+        "--fsync=8", "--verify=crc32c", "--do_verify=1", "--ioengine=psync")
+    for i in range(100):
+        (mnt / f"f{i}").write_bytes(os.urandom(512 * (i % 31 + 1)))
+    for i in range(0, 100, 4):
+        (mnt / f"f{i}").unlink()
+    sh("sync")
+    sh("umount", str(mnt))
+    c.wait_converged()
+    d = c.digests()
+    assert d["alpha"] == d["beta"] == d["gamma"], d
+    for t in ("beta", "gamma"):
+        out = c.repctl("alpha", "verify", "r0", t, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+    st = c.status()
+    assert {t["name"]: t["mode"] for t in st["targets"]} == {"beta": "sync", "gamma": "async"}
+    sh("fsck.ext4", "-n", "-f", c.beta_dev)
+
+
+def test_pause_resume_sends_only_changed_chunks(cluster):
+    c = cluster
+    c.repctl("alpha", "pause", "r0", "gamma")
+    wait_for(lambda: c.states()["gamma"] == "paused", 30, "gamma paused")
+    before = c.tx("gamma")
+    rng = random.Random(7)
+    chunks = sorted(rng.sample(range((SIZE_MB << 20) // CHUNK), 300))
+    for ch in chunks:
+        direct_write(c.dev, ch * CHUNK, rng.randbytes(CHUNK))
+    st = {t["name"]: t for t in c.status()["targets"]}
+    assert st["gamma"]["out_of_sync_bytes"] >= len(chunks) * CHUNK
+    assert c.digests()["gamma"] != c.digests()["alpha"]
+    c.repctl("alpha", "resume", "r0", "gamma")
+    c.wait_converged()
+    after = c.tx("gamma")
+    sent, packets = after[0] - before[0], after[1] - before[1]
+    changed = len(chunks) * CHUNK
+    payload = sent - 66 * packets  # Ethernet + IPv4 + TCP with timestamps per packet
+    framing = 48 * len(chunks) + 4096  # frame headers, handshake, pings
+    print(f"resync: {len(chunks)} chunks, {changed} bytes changed, {sent} bytes on the wire "
+          f"in {packets} packets, {payload} bytes of TCP payload")
+    assert payload <= 1.1 * changed + framing, (payload, changed)
+    d = c.digests()
+    assert d["alpha"] == d["gamma"] == d["beta"]
+
+
+def test_paused_idle_target_is_a_consistent_filesystem(cluster):
+    c = cluster
+    sh("mkfs.ext4", "-q", "-F", c.dev)
+    mnt = Path("/tmp/rp-mnt2")
+    mnt.mkdir(exist_ok=True)
+    sh("mount", c.dev, str(mnt))
+    c.cleanup.add("umount", lambda: sh("umount", str(mnt), check=False))
+    for i in range(40):
+        (mnt / f"a{i}").write_bytes(os.urandom(8192))
+    sh("sync")
+    c.wait_converged()
+    c.repctl("alpha", "pause", "r0", "gamma")
+    wait_for(lambda: c.states()["gamma"] == "paused", 30, "gamma paused")
+    for i in range(40):  # the primary goes on
+        (mnt / f"b{i}").write_bytes(os.urandom(8192))
+    sh("sync")
+    sh("fsck.ext4", "-n", "-f", str(c.gamma_img))
+    c.repctl("alpha", "resume", "r0", "gamma")
+    sh("umount", str(mnt))
+    c.wait_converged()
+    d = c.digests()
+    assert d["alpha"] == d["gamma"]
+
+
+def test_sync_target_has_the_write_when_it_completes(cluster):
+    c = cluster
+    for i in range(20):
+        data = os.urandom(CHUNK)
+        off = (i * 37 + 5) * CHUNK
+        direct_write(c.dev, off, data)
+        assert direct_read(c.beta_dev, off, CHUNK) == data, f"write {i} not on beta at completion"
+
+
+@pytest.mark.parametrize("victim", ["alpha", "beta", "gamma"])
+def test_kill9_daemons_and_converge(cluster, victim):
+    c = cluster
+    rng = random.Random(victim)
+    writer = subprocess.Popen(["fio", "--name=w", "--output-format=terse", f"--filename={c.dev}",
+                               "--size=48M", "--rw=randwrite", "--bssplit=4k/70:64k/30",
+                               "--direct=1", "--time_based", "--runtime=6", "--fsync=32"],
+                              stdout=subprocess.DEVNULL)
+    c.cleanup.process(writer)
+    for _ in range(2):
+        time.sleep(rng.uniform(0.5, 2.0))
+        c.kill(victim)
+        time.sleep(rng.uniform(0.2, 1.0))
+        c.start(victim)
+    writer.wait(120)
+    st_before = {t["name"]: t["bytes_sent"] for t in c.status()["targets"]}
+    c.wait_converged(240)
+    d = c.digests()
+    assert d["alpha"] == d["beta"] == d["gamma"], d
+    # no full resync: what was sent after the kills is well under the device size
+    for t in c.status()["targets"]:
+        assert t["bytes_sent"] - st_before.get(t["name"], 0) < (SIZE_MB << 20) // 2
+
+
+def test_refused_peers_write_nothing(cluster, cleanup):
+    c = cluster
+    c.repctl("alpha", "disconnect", "r0", "gamma")
+    wait_for(lambda: c.states()["gamma"] == "disconnected", 30, "gamma disconnected")
+    before = sha256_of(str(c.gamma_img))
+
+    def attempt(secret: bytes, resource: str = "r0", node: str = "alpha", size: int = SIZE_MB << 20):
+        code = (
+            "import socket,sys\n"
+            "from repctl import protocol as P\n"
+            "s=socket.create_connection(('10.77.2.2',7789),timeout=10)\n"
+            "c=P.FramedConnection(s)\n"
+            f"info=P.HandshakeInfo({resource!r},{node!r},P.Role.SOURCE,{size},4096,P.Generations(12345))\n"
+            "try:\n"
+            f"    P.handshake(c,info,{secret!r},P.Expect(frozenset({{'gamma'}})))\n"
+            "    c.send_message(P.write_record(99, 0, b'X'*4096))\n"
+            "    print('ACCEPTED')\n"
+            "except Exception as e:\n"
+            "    print('REFUSED', type(e).__name__, e)\n")
+        return sh("ip", "netns", "exec", "rp-alpha", sys.executable, "-c", code).stdout
+
+    assert "REFUSED AuthError" in attempt(b"wrong-secret-0123456789")
+    assert "REFUSED" in attempt(b"test-secret-0123456789abcdef", resource="r9")
+    assert "REFUSED" in attempt(b"test-secret-0123456789abcdef", node="mallory")
+    # a forged frame and a truncated one on a raw socket
+    code = ("import socket\n"
+            "s=socket.create_connection(('10.77.2.2',7789),timeout=10)\n"
+            "s.sendall(b'RPL1' + b'\\x01\\x00\\x10\\x00' + b'\\xff'*40)\n"
+            "s.close()\n"
+            "s=socket.create_connection(('10.77.2.2',7789),timeout=10)\n"
+            "s.sendall(b'RPL1\\x01\\x00')\n"
+            "s.close()\n")
+    sh("ip", "netns", "exec", "rp-alpha", sys.executable, "-c", code)
+    time.sleep(1)
+    assert sha256_of(str(c.gamma_img)) == before, "a refused peer changed the target"
+    gamma = json.loads(c.repctl("gamma", "status", "--json").stdout)["resources"][0]
+    assert gamma["last_error"], gamma
+
+
+def test_smaller_target_is_refused(cleanup, loopdev):
+    c = Cluster(cleanup, loopdev)
+    small = loopdev(SIZE_MB // 2)
+    c.nodes["beta"]["device"] = small
+    for node in NODES:
+        c.cfg[node].write_text(config_text(node, c.nodes, {"beta": "sync", "gamma": "async"},
+                                           secret=c.secret))
+    before = sha256_of(small)
+    c.repctl("alpha", "create-md", "r0", "--node", "alpha")
+    for node in ("beta", "gamma", "alpha"):
+        c.start(node)
+    wait_for(lambda: "smaller" in (({t["name"]: t for t in c.status()["targets"]}["beta"]
+                                    .get("last_error") or "")), 60, "beta refused as too small")
+    assert c.states()["beta"] in ("connecting", "disconnected")
+    assert sha256_of(small) == before

@@ -927,6 +927,12 @@ class Daemon:
 
     def down(self, resource: str) -> str:
         res = self._res(resource)
+        if isinstance(res, SourceResource):
+            with dm.DMControl() as ctl:
+                users = ctl.info(resource).open_count - 1  # the daemon's own resync reader
+            if users > 0:
+                raise ReplError(f"{res.dev_path} is in use ({users} opener(s): mounted?); "
+                                "unmount it first")
         res.stop(remove=isinstance(res, SourceResource))
         del self.resources[resource]
         return f"{resource} is down"

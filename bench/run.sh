@@ -1,0 +1,56 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-only
+#
+# The dm-repl benchmark. Runs INSIDE the test VM (tests/vm/guest-run.sh bench, started by
+# `make bench` or `.venv/bin/python tests/vmrun.py --bench [-- ARGS]`), after dm-mod and
+# kmod/dm-repl.ko are loaded. It loads brd (six 256 MiB RAM disks) and runs
+# bench/target_bench.py ARGS with the project's virtualenv: repl against dm-linear on
+# /dev/ram0 (metadata on /dev/ram1). See docs/benchmarks.md.
+#
+# Exit status: non-zero when something failed (a device, fio, the consumer). A missed
+# performance aim is printed as MISSED but is not a failure.
+set -uo pipefail
+
+# It loads a module and overwrites /dev/ram0 and /dev/ram1: only in the test VM.
+if ! grep -qw 'repctl_vm=1' /proc/cmdline 2>/dev/null; then
+    echo "bench/run.sh: refusing to run: this is not the test VM (no repctl_vm=1 on the" \
+         "kernel command line). Use make bench." >&2
+    exit 2
+fi
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo" || exit 2
+py="$repo/.venv/bin/python"
+if [ ! -x "$py" ]; then
+    echo "bench/run.sh: $py not found: make venv" >&2
+    exit 2
+fi
+command -v fio >/dev/null || { echo "bench/run.sh: fio not found" >&2; exit 2; }
+
+# brd's parameters apply only when it loads: reload it if it came with others.
+rd_nr=6
+rd_size=262144    # KiB: 256 MiB per disk
+if [ -d /sys/module/brd ]; then
+    if [ "$(cat /sys/module/brd/parameters/rd_size 2>/dev/null)" != "$rd_size" ] ||
+       [ "$(cat /sys/module/brd/parameters/rd_nr 2>/dev/null)" != "$rd_nr" ]; then
+        echo "== bench: brd is loaded with other parameters: reloading it"
+        rmmod brd || exit 1
+    fi
+fi
+echo "== bench: modprobe brd rd_nr=$rd_nr rd_size=$rd_size"
+modprobe brd rd_nr=$rd_nr rd_size=$rd_size || exit 1
+for d in /dev/ram0 /dev/ram1; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        [ -b "$d" ] && break
+        sleep 0.2
+    done
+    [ -b "$d" ] || { echo "bench/run.sh: $d did not appear after modprobe brd" >&2; exit 1; }
+done
+
+"$py" bench/target_bench.py "$@"
+rc=$?
+
+# Free the RAM disks (the devices on them are gone); not being able to is not a failure.
+rmmod brd 2>/dev/null || echo "== bench: brd stays loaded (busy)"
+echo "== bench: exit $rc"
+exit "$rc"

@@ -35,7 +35,8 @@ help:
 	@echo '  make module     build kmod/dm-repl.ko against KVER=$(KVER)'
 	@echo '  make test       host tier, then VM tier; what CI runs'
 	@echo '  make test-host  unit tests, no privileges (pytest tests/host)'
-	@echo '  make test-vm    VM tier: boots the kernel under QEMU, loads dm-repl.ko, pytest tests/vm'
+	@echo '  make test-vm    VM tier: boots the kernel under QEMU, loads dm-repl.ko, pytest tests/vm,'
+	@echo '                  then the crash test (two more boots; VMARGS="--no-crash" skips it)'
 	@echo '                  one test: make test-vm VMARGS="-- -k test_name tests/vm/test_x.py"'
 	@echo '  make demo       boot the VM and run the demo'
 	@echo '  make bench      boot the VM (4G) and run bench/run.sh'
@@ -61,7 +62,8 @@ module: | deps
 	$(MAKE) -C $(KDIR) M=$(CURDIR)/kmod modules
 
 test: test-host test-vm
-	@$(VPY) tests/vmrun.py --report $(RESULTS)/host-junit.xml build/vm-results/junit.xml
+	@$(VPY) tests/vmrun.py --report $(RESULTS)/host-junit.xml build/vm-results/junit.xml \
+		build/vm-results/crash/boot2/junit.xml
 
 test-host: venv
 	@mkdir -p $(RESULTS)

@@ -2,10 +2,17 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Run the VM test tier: boot Debian's kernel under QEMU (virtme-ng), load dm-repl.ko, run pytest.
 
-    python tests/vmrun.py                                   all of tests/vm
-    python tests/vmrun.py -k sanity                         pytest -k
+    python tests/vmrun.py                                   all of tests/vm, then the crash test
+    python tests/vmrun.py -k sanity                         pytest -k (no crash test)
     python tests/vmrun.py -- -x -k test_name tests/vm/test_x.py   anything after -- goes to pytest
+    python tests/vmrun.py --crash                           only the crash test (two boots)
     python tests/vmrun.py --demo | --bench | --shell
+
+The crash test boots twice on three disk images kept on the host: the first boot
+(tests/vm/crash_workload.py) replicates a random-write workload and resets the guest with
+sysrq b mid-workload; the second (tests/vm/crash_check.py) checks that the dirty bitmap covers
+every chunk where the data disk differs from the replica. It runs with the whole tier (no
+pytest selection given) unless --no-crash.
 
 It builds nothing: `make module` builds kmod/dm-repl.ko and `make venv` the virtualenv (the
 Makefile's test-vm, demo and bench targets do both). The guest sees the host's root file
@@ -20,7 +27,10 @@ where that is a failure (1), so that CI never passes without this tier; 1 otherw
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -39,15 +49,29 @@ MODULE = REPO / "kmod" / "dm-repl.ko"
 GUEST_SCRIPT = REPO / "tests" / "vm" / "guest-run.sh"
 RESULTS = {
     "test": REPO / "build" / "vm-results",
+    "crash": REPO / "build" / "vm-results",
     "demo": REPO / "build" / "demo-results",
     "bench": REPO / "build" / "bench-results",
 }
-MEMORY = {"test": "2G", "demo": "2G", "bench": "4G"}
+MEMORY = {"test": "2G", "crash": "2G", "demo": "2G", "bench": "4G"}
 # What the guest runs instead of pytest in --demo and --bench (written by their owners).
 SCRIPTS = {"demo": REPO / "tests" / "vm" / "demo.sh", "bench": REPO / "bench" / "run.sh"}
 
 EXIT_SKIP = 77
 DEFAULT_TIMEOUT = 20 * 60
+
+# The crash test's disks: sparse image files under RESULTS/crash/disks, attached as virtio-blk
+# disks with these sizes and serial numbers (at most 20 bytes); the guest finds them by serial
+# through RESULTS/crash/plan.json. The guest sees them as /dev/vdX.
+CRASH_DISKS = {"data": 64 << 20, "meta": 1 << 20, "replica": 64 << 20}
+CRASH_SERIAL = "repl-crash-{}"
+# How the first boot ends: "sysrq" (the guest resets itself with sysrq b; QEMU runs with
+# -no-reboot and exits) or "kill" (the guest prints CRASH_KILL_MARKER and the host SIGKILLs
+# QEMU: a power cut).
+CRASH_METHODS = ("sysrq", "kill")
+CRASH_KILL_MARKER = "repctl-crash: cut the power now"
+# Each crash boot's timeout (at most --timeout): a boot takes 20 s to 3 minutes here.
+CRASH_TIMEOUT = 10 * 60
 
 # Kernel log lines that fail a run. Only lines after the guest script's start marker
 # count, so that boot messages (e.g. CPU mitigation notices) do not.
@@ -152,7 +176,7 @@ def skip_or_fail(reasons: list[str]) -> int:
 
 
 def vng_command(vng: Path, kver: str, memory: str, cpus: int, results: Path | None,
-                guest_cmd: str | None, kvm: bool) -> list[str]:
+                guest_cmd: str | None, kvm: bool, qemu_args: list[str] | None = None) -> list[str]:
     cmd = [str(vng), "--run", f"/boot/vmlinuz-{kver}", "--force-9p",
            "--memory", memory, "--cpus", str(cpus), "--cwd", str(REPO),
            # Marker that tests/vm/guest-run.sh checks before it touches any module.
@@ -163,6 +187,9 @@ def vng_command(vng: Path, kver: str, memory: str, cpus: int, results: Path | No
         cmd += ["--rwdir", str(results)]
     if guest_cmd is not None:
         cmd += ["--exec", guest_cmd]
+    if qemu_args:
+        # vng pastes --qemu-opts into a shell command line: quote each argument for it.
+        cmd.append("--qemu-opts=" + " ".join(shlex.quote(a) for a in qemu_args))
     return cmd
 
 
@@ -171,6 +198,39 @@ def vng_env(vng: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{vng.parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def crash_qemu_args(disks: dict[str, Path]) -> list[str]:
+    """QEMU arguments attaching the crash test's images as raw virtio-blk disks with serials.
+
+    format=raw: no probing (QEMU would otherwise restrict writes to block 0). The default
+    cache mode (writeback) keeps whatever QEMU wrote in the host's page cache, so the images
+    hold every write the guest's disk completed when the guest is reset or QEMU killed.
+    """
+    args = []
+    for role, path in disks.items():
+        file = str(path).replace(",", ",,")  # QEMU's option syntax
+        args += ["-drive", f"if=none,id=crash-{role},file={file},format=raw",
+                 "-device", f"virtio-blk-pci,drive=crash-{role},serial={CRASH_SERIAL.format(role)}"]
+    return args
+
+
+def make_crash_disks(crash: Path, method: str = "sysrq", seed: int = 0) -> dict[str, Path]:
+    """Fresh sparse images (all zeros) under crash/disks; crash/plan.json tells the guest
+    their serials and sizes and how the first boot is to end."""
+    (crash / "disks").mkdir(parents=True, exist_ok=True)
+    disks = {}
+    for role, size in CRASH_DISKS.items():
+        path = crash / "disks" / f"{role}.img"
+        path.unlink(missing_ok=True)
+        with path.open("wb") as f:
+            f.truncate(size)
+        disks[role] = path
+    plan = {"disks": {role: {"serial": CRASH_SERIAL.format(role), "bytes": size}
+                      for role, size in CRASH_DISKS.items()},
+            "method": method, "kill_marker": CRASH_KILL_MARKER, "seed": seed}
+    (crash / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    return disks
 
 
 def guest_command(mode: str, results: Path, extra: list[str]) -> str:
@@ -202,16 +262,29 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def run_streaming(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, bool]:
-    """Run cmd, copying its output live to stdout and to log. Returns (exit code, timed out)."""
+def run_streaming(cmd: list[str], env: dict[str, str], log: Path, timeout: float,
+                  kill_on: bytes | None = None) -> tuple[int, bool]:
+    """Run cmd, copying its output live to stdout and to log. Returns (exit code, timed out).
+
+    kill_on: when the output shows these bytes, SIGKILL the VM's process group at once (a
+    power cut of the guest: QEMU gets no chance to finish what it was doing).
+    """
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
     assert proc.stdout is not None
     out = proc.stdout
 
     def pump() -> None:
+        seen = b""  # the end of the output so far, to find kill_on across reads
         with log.open("wb") as f:
             while chunk := os.read(out.fileno(), 65536):
+                if kill_on is not None:
+                    seen = seen[-len(kill_on):] + chunk
+                    if kill_on in seen:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        seen = b""
+                        chunk += f"\nvmrun: killed QEMU (SIGKILL) on {kill_on!r}\n".encode()
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
                 f.write(chunk)
@@ -334,6 +407,54 @@ def check_results(results: Path, mode: str, timed_out: bool) -> list[str]:
     return problems
 
 
+def check_crash_write(results: Path, timed_out: bool) -> list[str]:
+    """Problems of the crash test's first boot, which passes by being reset mid-workload.
+
+    The guest never gets to write rc, rmmod_rc or dmesg.txt; crash.json (written just before
+    the reset) says it got there, and the kernel log followed live must be clean up to it.
+    """
+    problems = []
+    if timed_out:
+        problems.append("the crash test's first boot timed out and was killed")
+    insmod_rc = read_int(results / "insmod_rc")
+    rc = read_int(results / "rc")
+    if insmod_rc is None:
+        problems.append("the guest script did not get to load the modules (see the output above)")
+    elif insmod_rc != 0:
+        problems.append(f"modprobe/insmod of kmod/dm-repl.ko failed (exit {insmod_rc})")
+    elif rc is not None:
+        problems.append(f"tests/vm/crash_workload.py exited {rc} instead of resetting the guest")
+    elif not (results / "crash.json").is_file():
+        problems.append("the guest did not get to the reset (no crash.json)")
+    try:
+        trouble = kernel_trouble((results / "dmesg-live.txt").read_text(errors="replace"))
+    except OSError:
+        trouble = []
+        problems.append("no kernel log from the crash test's first boot")
+    if trouble:
+        problems.append(f"the kernel log has {len(trouble)} warning/oops line(s) "
+                        f"({results / 'dmesg-live.txt'}):")
+        problems.extend(f"    {line}" for line in trouble[:40])
+    return problems
+
+
+def tally(junit: Path, problems: list[str]) -> Counts:
+    """Test counts of one boot: its junit report, with the runner's own checks as failures."""
+    counts = junit_counts(junit)
+    if counts is None:
+        say(f"no junit report ({junit})")
+        counts = Counts()
+    runner_failures = sum(1 for p in problems if not p.startswith("    "))
+    if counts.failed == 0 and runner_failures:
+        counts.failed = runner_failures
+    return counts
+
+
+def report_problems(problems: list[str]) -> None:
+    for p in problems:
+        say(f"FAILED: {p}" if not p.startswith("    ") else p)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -351,6 +472,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                       help="run tests/vm/demo.sh in the VM instead of the tests")
     mode.add_argument("--bench", action="store_const", dest="mode", const="bench",
                       help="run bench/run.sh in the VM (default memory 4G)")
+    mode.add_argument("--crash", action="store_const", dest="mode", const="crash",
+                      help="only the crash test (two boots: reset mid-workload, then check)")
+    p.add_argument("--no-crash", action="store_true",
+                   help="skip the crash test (it runs when no pytest selection is given)")
+    p.add_argument("--crash-by", choices=CRASH_METHODS, default="sysrq",
+                   help="how the crash test's first boot ends: sysrq b in the guest (default)"
+                        " or SIGKILL of QEMU from the host")
+    p.add_argument("--crash-seed", type=int, default=0, metavar="N",
+                   help="seed of the crash test's workload and crash delay (default: random;"
+                        " a failure prints it)")
     mode.add_argument("--shell", action="store_const", dest="mode", const="shell",
                       help="interactive shell in the VM (then: bash tests/vm/guest-run.sh setup)")
     p.add_argument("--preflight", action="store_true",
@@ -477,31 +608,121 @@ def main(argv: list[str]) -> int:
     assert results is not None
     results = claim_results(results)
     fresh_dir(results)
-    cmd = vng_command(vng, kver, memory, args.cpus, results,
-                      guest_command(mode, results, extra), args.kvm)
-    say(f"booting {kver} under QEMU ({'KVM' if args.kvm else 'software emulation'}, "
-        f"{memory}, {args.cpus} CPUs); results in {rel(results)}/")
-    started = time.monotonic()
-    vng_rc, timed_out = run_streaming(cmd, vng_env(vng), results / "console.log", args.timeout)
-    elapsed = time.monotonic() - started
-    say(f"VM run took {elapsed:.0f} s (vng exit {vng_rc})")
+    boot = Booter(vng, kver, memory, args.cpus, args.kvm, args.timeout, results)
+    with_crash = mode == "crash" or (mode == "test" and not extra and not args.no_crash)
 
-    problems = check_results(results, mode, timed_out)
-    for p in problems:
-        say(f"FAILED: {p}" if not p.startswith("    ") else p)
-    counts = junit_counts(results / "junit.xml") if mode == "test" else None
-    if mode == "test":
-        if counts is None:
-            say(f"no junit report ({results / 'junit.xml'})")
-            counts = Counts()
-        # Runner checks (module unload, kernel log, ...) count as failures too.
-        runner_failures = sum(1 for p in problems if not p.startswith("    "))
-        if counts.failed == 0 and runner_failures:
-            counts.failed = runner_failures
-        print(counts.line("vm"), flush=True)
-    elif not problems:
-        say(f"{mode} passed")
+    problems: list[str] = []
+    parts: list[tuple[str, Counts]] = []
+    if mode != "crash":
+        vng_rc, timed_out, elapsed = boot.run(guest_command(mode, results, extra),
+                                              results / "console.log")
+        say(f"VM run took {elapsed:.0f} s (vng exit {vng_rc})")
+        problems = check_results(results, mode, timed_out)
+        report_problems(problems)
+        if mode == "test":
+            # Runner checks (module unload, kernel log, ...) count as failures too.
+            parts.append(("tests/vm", tally(results / "junit.xml", problems)))
+        elif not problems:
+            say(f"{mode} passed")
+    if with_crash:
+        crash_counts, crash_problems = run_crash(boot, extra if mode == "crash" else [],
+                                                 args.crash_by, args.crash_seed)
+        parts.append(("crash", crash_counts))
+        problems += crash_problems
+    if parts:
+        total = Counts()
+        for name, c in parts:
+            total = total + c
+            if len(parts) > 1:
+                say(c.line(name))
+        print(total.line("vm"), flush=True)
     return 1 if problems else 0
+
+
+@dataclass
+class Booter:
+    """Boots the test VM with the same kernel, memory, CPUs and shared results folder."""
+
+    vng: Path
+    kver: str
+    memory: str
+    cpus: int
+    kvm: bool
+    timeout: float
+    results: Path
+
+    def run(self, guest_cmd: str, log: Path, qemu_args: list[str] | None = None,
+            kill_on: bytes | None = None) -> tuple[int, bool, float]:
+        """Boot, run guest_cmd, wait. Returns (vng exit code, timed out, seconds)."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = vng_command(self.vng, self.kver, self.memory, self.cpus, self.results,
+                          guest_cmd, self.kvm, qemu_args)
+        say(f"booting {self.kver} under QEMU ({'KVM' if self.kvm else 'software emulation'}, "
+            f"{self.memory}, {self.cpus} CPUs); results in {rel(log.parent)}/")
+        started = time.monotonic()
+        vng_rc, timed_out = run_streaming(cmd, vng_env(self.vng), log, self.timeout, kill_on)
+        return vng_rc, timed_out, time.monotonic() - started
+
+
+def crash_seed(boot1: Path) -> str:
+    """The seed the first boot used (from its setup.json), for the failure message."""
+    try:
+        return str(json.loads((boot1 / "setup.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def run_crash(boot: Booter, extra: list[str], method: str = "sysrq",
+              seed: int = 0) -> tuple[Counts, list[str]]:
+    """The crash test: boot 1 writes and is reset, boot 2 checks (pytest with extra).
+
+    Returns (counts, problems)."""
+    boot = dataclasses.replace(boot, timeout=min(boot.timeout, CRASH_TIMEOUT))
+    crash = boot.results / "crash"
+    boot1, boot2 = crash / "boot1", crash / "boot2"
+    disks = make_crash_disks(crash, method, seed)
+    qemu_args = crash_qemu_args(disks)
+    started = time.monotonic()
+
+    how = "sysrq b in the guest" if method == "sysrq" else "SIGKILL of QEMU from the host"
+    say(f"crash test, boot 1: replicate a random-write workload, crash mid-workload ({how})")
+    vng_rc, timed_out, elapsed = boot.run(
+        guest_command("crash-write", boot1, []), boot1 / "console.log", qemu_args,
+        kill_on=CRASH_KILL_MARKER.encode() if method == "kill" else None)
+    say(f"crash test boot 1 took {elapsed:.0f} s (vng exit {vng_rc})")
+    problems = check_crash_write(boot1, timed_out)
+    if problems:
+        report_problems(problems)
+        say(f"crash test: the first boot failed, no second boot; disk images kept in "
+            f"{rel(crash / 'disks')}/; same workload: --crash --crash-seed {crash_seed(boot1)}")
+        return Counts(failed=1), problems
+
+    say("crash test, boot 2: the bitmap must cover every chunk where data and replica differ")
+    vng_rc, timed_out, elapsed = boot.run(guest_command("crash-check", boot2, extra),
+                                          boot2 / "console.log", qemu_args)
+    say(f"crash test boot 2 took {elapsed:.0f} s (vng exit {vng_rc})")
+    problems = check_results(boot2, "crash-check", timed_out)
+    report_problems(problems)
+    counts = tally(boot2 / "junit.xml", problems)
+    if counts.passed == 0 and counts.failed == 0:
+        problems.append("the crash check did not run (skipped, or not collected)")
+        report_problems(problems[-1:])
+        counts.failed = 1
+    try:
+        summary = json.loads((boot2 / "summary.json").read_text())
+        say(f"crash test: chunks differing {summary['chunks_differing']}, dirty "
+            f"{summary['chunks_dirty']}, total {summary['chunks_total']}; written "
+            f"{summary['chunks_written']}, of which clean (cleared by the consumer) "
+            f"{summary['chunks_written_clean']}; not covered {summary['missed_count']}")
+    except (OSError, ValueError, KeyError):
+        pass
+    if problems or counts.failed:
+        say(f"crash test FAILED; disk images kept in {rel(crash / 'disks')}/; "
+            f"same workload: --crash --crash-seed {crash_seed(boot1)}")
+    else:
+        shutil.rmtree(crash / "disks", ignore_errors=True)
+    say(f"crash test took {time.monotonic() - started:.0f} s")
+    return counts, problems
 
 
 if __name__ == "__main__":

@@ -176,3 +176,186 @@ def test_results_folder_in_use_gets_its_own(monkeypatch, tmp_path: Path) -> None
 def test_preflight_combines_with_modes(mode: str) -> None:
     args, _ = vmrun.parse_args(["--preflight", mode])
     assert args.preflight and args.mode == mode[2:]
+
+
+# ---------------------------------------------------------------- the crash test's plumbing
+
+
+def test_crash_disks_are_sparse_and_described(tmp_path: Path) -> None:
+    import json
+
+    disks = vmrun.make_crash_disks(tmp_path / "crash", "kill", 7)
+    assert set(disks) == {"data", "meta", "replica"}
+    for role, path in disks.items():
+        assert path.stat().st_size == vmrun.CRASH_DISKS[role]
+        assert path.stat().st_blocks == 0  # sparse: all zeros, nothing allocated
+    plan = json.loads((tmp_path / "crash" / "plan.json").read_text())
+    assert plan["method"] == "kill" and plan["kill_marker"] == vmrun.CRASH_KILL_MARKER
+    assert plan["seed"] == 7
+    serials = [d["serial"] for d in plan["disks"].values()]
+    assert len(set(serials)) == 3
+    assert all(len(s.encode()) <= 20 for s in serials)  # virtio-blk keeps 20 bytes
+    assert {r: d["bytes"] for r, d in plan["disks"].items()} == vmrun.CRASH_DISKS
+
+
+def test_crash_qemu_args_attach_raw_disks_by_serial() -> None:
+    args = vmrun.crash_qemu_args({"data": Path("/a,b/data.img"), "meta": Path("/m.img")})
+    assert args == [
+        "-drive", "if=none,id=crash-data,file=/a,,b/data.img,format=raw",
+        "-device", "virtio-blk-pci,drive=crash-data,serial=repl-crash-data",
+        "-drive", "if=none,id=crash-meta,file=/m.img,format=raw",
+        "-device", "virtio-blk-pci,drive=crash-meta,serial=repl-crash-meta",
+    ]
+
+
+def test_vng_command_passes_qemu_args_quoted_for_its_shell() -> None:
+    import shlex
+
+    qemu = ["-drive", "if=none,id=d,file=/x y/d.img,format=raw"]
+    cmd = vmrun.vng_command(Path("/x/vng"), "6.1.0-1-amd64", "2G", 2, Path("/r"), "true",
+                            False, qemu)
+    opts = [a for a in cmd if a.startswith("--qemu-opts=")]
+    assert len(opts) == 1
+    # vng pastes the value into a shell command line, which splits it back
+    assert shlex.split(opts[0].removeprefix("--qemu-opts=")) == qemu
+    assert not any(a.startswith("--qemu-opts") for a in vmrun.vng_command(
+        Path("/x/vng"), "6.1.0-1-amd64", "2G", 2, Path("/r"), "true", False))
+
+
+def test_crash_args() -> None:
+    args, extra = vmrun.parse_args(["--crash", "--crash-by", "kill", "--crash-seed", "7"])
+    assert (args.mode, args.crash_by, args.crash_seed, extra) == ("crash", "kill", 7, [])
+    args, _ = vmrun.parse_args([])
+    assert (args.mode, args.crash_by, args.no_crash) == ("test", "sysrq", False)
+    assert vmrun.parse_args(["--no-crash"])[0].no_crash
+    with pytest.raises(SystemExit):
+        vmrun.parse_args(["--crash", "--bench"])
+
+
+def _crash_boot1(tmp_path: Path, **files: str) -> Path:
+    r = _results(tmp_path, **files)
+    (r / "dmesg-live.txt").write_text(f"{vmrun.START_MARKER} mode=crash-write\nloop: loaded\n")
+    return r
+
+
+def test_check_crash_write_passes_when_reset_after_crash_json(tmp_path: Path) -> None:
+    r = _crash_boot1(tmp_path, insmod_rc="0", **{"crash.json": "{}"})
+    assert vmrun.check_crash_write(r, timed_out=False) == []
+
+
+@pytest.mark.parametrize("files, expect", [
+    ({"insmod_rc": "0", "rc": "1", "crash.json": "{}"}, "exited 1 instead of resetting"),
+    ({"insmod_rc": "0"}, "did not get to the reset"),
+    ({"insmod_rc": "1"}, "insmod"),
+    ({}, "did not get to load"),
+])
+def test_check_crash_write_failures(tmp_path: Path, files: dict[str, str], expect: str) -> None:
+    problems = vmrun.check_crash_write(_crash_boot1(tmp_path, **files), timed_out=False)
+    assert any(expect in p for p in problems), problems
+
+
+def test_check_crash_write_kernel_warning_fails(tmp_path: Path) -> None:
+    r = _crash_boot1(tmp_path, insmod_rc="0", **{"crash.json": "{}"})
+    with (r / "dmesg-live.txt").open("a") as f:
+        f.write("WARNING: CPU: 0 PID: 1 at dm-repl-target.c:1 repl_map\n")
+    problems = vmrun.check_crash_write(r, timed_out=False)
+    assert any("warning/oops" in p for p in problems)
+    assert vmrun.check_crash_write(r, timed_out=True)[0].startswith("the crash test's first boot")
+
+
+def test_run_streaming_kills_on_marker(tmp_path: Path, capsys) -> None:
+    import time
+
+    marker = vmrun.CRASH_KILL_MARKER
+    cmd = ["bash", "-c", f"echo before; echo '{marker}'; sleep 60; echo after"]
+    t0 = time.monotonic()
+    rc, timed_out = vmrun.run_streaming(cmd, dict(os.environ), tmp_path / "log", 30,
+                                        kill_on=marker.encode())
+    assert time.monotonic() - t0 < 20
+    assert rc == -9 and not timed_out
+    log = (tmp_path / "log").read_text()
+    assert "before" in log and "killed QEMU" in log and "after" not in log
+
+
+def test_run_streaming_without_marker_runs_to_the_end(tmp_path: Path) -> None:
+    rc, timed_out = vmrun.run_streaming(["bash", "-c", "echo hi; exit 3"], dict(os.environ),
+                                        tmp_path / "log", 30, kill_on=b"never printed")
+    assert (rc, timed_out) == (3, False)
+    assert (tmp_path / "log").read_text() == "hi\n"
+
+
+def _fake_boots(monkeypatch, tmp_path: Path, boot_problems: list[str],
+                crash_result: tuple) -> tuple[list, list]:
+    booted: list = []
+    crashed: list = []
+    monkeypatch.setattr(vmrun, "missing_requirements", lambda kver, need_headers: [])
+    monkeypatch.setattr(vmrun, "find_vng", lambda: Path("/x/vng"))
+    monkeypatch.setattr(vmrun, "MODULE", tmp_path / "dm-repl.ko")
+    (tmp_path / "dm-repl.ko").write_text("")
+    monkeypatch.setattr(vmrun, "module_vermagic", lambda ko: "6.1.0-1-amd64")
+    res = tmp_path / "vm-results"
+    monkeypatch.setattr(vmrun, "RESULTS", {"test": res, "crash": res})
+    monkeypatch.setattr(vmrun.Booter, "run",
+                        lambda self, cmd, log, *a, **k: booted.append(cmd) or (0, False, 1.0))
+    monkeypatch.setattr(vmrun, "check_results", lambda results, mode, timed_out: boot_problems)
+    monkeypatch.setattr(vmrun, "junit_counts", lambda path: vmrun.Counts(passed=5))
+
+    def fake_crash(boot, extra, method, seed):
+        crashed.append((extra, method, seed))
+        return crash_result
+
+    monkeypatch.setattr(vmrun, "run_crash", fake_crash)
+    return booted, crashed
+
+
+@pytest.mark.parametrize("boot_problems, crash_result, last", [
+    (["rmmod dm_repl failed"], (vmrun.Counts(passed=1), []), "vm: 6 passed, 1 failed, 0 skipped"),
+    ([], (vmrun.Counts(failed=1), ["no crash.json"]), "vm: 5 passed, 1 failed, 0 skipped"),
+])
+def test_any_failure_fails_the_run(monkeypatch, tmp_path: Path, capsys, boot_problems,
+                                   crash_result, last) -> None:
+    _fake_boots(monkeypatch, tmp_path, boot_problems, crash_result)
+    assert vmrun.main(["--kver", "6.1.0-1-amd64"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == last
+    assert "vmrun: crash: " + crash_result[0].line("x").split(": ")[1] in out
+
+
+@pytest.mark.parametrize("argv, pytest_boot, crash", [
+    ([], True, True),
+    (["--no-crash"], True, False),
+    (["-k", "sanity"], True, False),
+    (["--", "tests/vm/test_x.py"], True, False),
+    (["--crash"], False, True),
+])
+def test_which_boots_run(monkeypatch, tmp_path: Path, capsys, argv, pytest_boot, crash) -> None:
+    booted, crashed = _fake_boots(monkeypatch, tmp_path, [], (vmrun.Counts(passed=1), []))
+    assert vmrun.main(["--kver", "6.1.0-1-amd64", "--crash-by", "kill", *argv]) == 0
+    assert bool(booted) == pytest_boot and bool(crashed) == crash
+    if crash:
+        assert crashed[0][1] == "kill"
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"vm: {5 * pytest_boot + crash} passed, 0 failed, 0 skipped"
+
+
+def test_guest_script_parses() -> None:
+    p = subprocess.run(["bash", "-n", str(REPO / "tests" / "vm" / "guest-run.sh")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_crash_check_runs_only_when_named() -> None:
+    # tests/vm/crash_check.py only makes sense in the boot after the crash: the ordinary run
+    # (pytest tests/vm) must not collect it, guest-run.sh crash-check names it.
+    def collect(*where: str) -> str:
+        # (other files' collection errors are not this test's business)
+        p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                            "--continue-on-collection-errors", *where],
+                           capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "REPCTL_IN_VM": "0"})
+        return p.stdout
+
+    ordinary = collect("tests/vm")
+    assert "test_guest_sanity.py::" in ordinary and "crash_check.py" not in ordinary
+    assert "crash_check.py::test_bitmap_after_crash_covers_every_difference" in collect(
+        "tests/vm/crash_check.py")

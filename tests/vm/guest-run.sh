@@ -7,6 +7,11 @@
 #   guest-run.sh demo  RESULTS                       load modules, tests/vm/demo.sh, unload
 #   guest-run.sh bench RESULTS [-- ARGS...]          load modules, bench/run.sh, unload
 #   guest-run.sh setup                               load modules only (for `vmrun.py --shell`)
+#   guest-run.sh crash-write RESULTS                 crash test, boot 1: load modules, run
+#                                                    tests/vm/crash_workload.py, which resets
+#                                                    the guest (sysrq b) mid-workload
+#   guest-run.sh crash-check RESULTS [-- PYTEST-ARGS...]  crash test, boot 2: load modules,
+#                                                    pytest tests/vm/crash_check.py, unload
 #
 # RESULTS is a folder shared writable with the host. What lands there:
 #   console output is captured by the host (console.log); here we write
@@ -16,7 +21,9 @@
 #   dmesg.txt    the kernel log at the end; dmesg-live.txt follows it during the run so
 #                that it survives a guest that hangs and is killed
 #   tainted-start, tainted-end   /proc/sys/kernel/tainted before and after
-#   junit.xml    pytest's report (test mode)
+#   junit.xml    pytest's report (test and crash-check modes)
+# In crash-write mode a passing run never gets to write rc, rmmod_rc, dmesg.txt or
+# tainted-end: the guest is reset first (crash_workload.py writes setup.json and crash.json).
 #
 # Not `set -e`: whatever fails, the module must be unloaded and the results written.
 set -uo pipefail
@@ -116,6 +123,19 @@ else
             say "no demo yet: tests/vm/demo.sh does not exist"
             rc=2
         fi
+        ;;
+    crash-write)
+        # Does not return when it works: the guest is reset mid-workload.
+        python tests/vm/crash_workload.py "$results"
+        rc=$?
+        say "crash_workload.py returned (exit $rc) instead of resetting the guest"
+        [ "$rc" -ne 0 ] || rc=1
+        ;;
+    crash-check)
+        say "pytest tests/vm/crash_check.py $*"
+        python -m pytest tests/vm/crash_check.py -v -s -ra -p no:cacheprovider \
+            --junitxml="$results/junit.xml" "$@"
+        rc=$?
         ;;
     bench)
         if [ -f bench/run.sh ]; then

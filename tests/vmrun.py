@@ -58,7 +58,7 @@ MEMORY = {"test": "2G", "crash": "2G", "demo": "2G", "bench": "4G"}
 SCRIPTS = {"demo": REPO / "tests" / "vm" / "demo.sh", "bench": REPO / "bench" / "run.sh"}
 
 EXIT_SKIP = 77
-DEFAULT_TIMEOUT = 20 * 60
+DEFAULT_TIMEOUT = 45 * 60  # the whole pytest boot; CI allows 90 min in all
 
 # The crash test's disks: sparse image files under RESULTS/crash/disks, attached as virtio-blk
 # disks with these sizes and serial numbers (at most 20 bytes); the guest finds them by serial

@@ -425,7 +425,11 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 
 	spin_lock_irqsave(&rc->lock, flags);
 	list_del_init(&io->list);
-	if (*error && io->in_ring && rc->mode == REPL_MODE_STREAMING) {
+	if (*error == BLK_STS_NOTSUPP && io->in_ring &&
+	    (bio_op(bio) == REQ_OP_DISCARD || bio_op(bio) == REQ_OP_WRITE_ZEROES)) {
+		/* unsupported: nothing changed (the caller may fall back to writes) */
+		rc->descs[io->seq % rc->desc_count].op = REPL_OP_NOOP;
+	} else if (*error && io->in_ring && rc->mode == REPL_MODE_STREAMING) {
 		/*
 		 * The data device failed the write: its record must not reach a
 		 * target as if it had been written.  Stop the ring here; the chunk

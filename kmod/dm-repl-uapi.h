@@ -64,6 +64,9 @@ struct repl_superblock {
 #define REPL_OP_FLUSH 2
 #define REPL_OP_DISCARD 3
 #define REPL_OP_WRITE_ZEROES 4
+/* a discard or write-zeroes that the data device refused as unsupported:
+ * it changed nothing there, so a target must not apply it either */
+#define REPL_OP_NOOP 5
 
 /* repl_rec.flags */
 #define REPL_REC_FUA 1

@@ -350,7 +350,8 @@ class Link:
         seq = self.pos
         while seq <= last and n < 512 and size < (8 << 20):
             r = self.res.consumer.record(seq)
-            op = P.RecordOp[r.op.upper()]
+            # a refused (unsupported) discard changed nothing: a flush keeps its seq
+            op = P.RecordOp.FLUSH if r.op == "noop" else P.RecordOp[r.op.upper()]
             rec = P.Record(op, seq, r.sector if op != P.RecordOp.FLUSH else 0,
                            r.length if op != P.RecordOp.FLUSH else 0,
                            P.RecordFlags.FUA if r.fua else P.NO_FLAGS,

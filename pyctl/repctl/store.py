@@ -68,6 +68,8 @@ class Store(ABC):
             self.discard(offset, length)
         elif op == "write_zeroes":
             self.write_zeroes(offset, length)
+        elif op == "noop":
+            return
         else:
             raise StoreError(f"{self.path}: unknown record op {op!r}")
         if fua and op != "flush":

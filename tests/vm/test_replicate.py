@@ -264,10 +264,14 @@ def test_paused_idle_target_is_a_consistent_filesystem(cluster):
     c.cleanup.add("umount", lambda: sh("umount", str(mnt), check=False))
     for i in range(40):
         (mnt / f"a{i}").write_bytes(os.urandom(8192))
-    sh("sync")
-    c.wait_converged()
-    c.repctl("alpha", "pause", "r0", "gamma")
-    wait_for(lambda: c.states()["gamma"] == "paused", 30, "gamma paused")
+    # idle: frozen, ext4 has checkpointed its journal (what a backup script does)
+    sh("fsfreeze", "-f", str(mnt))
+    try:
+        c.wait_converged()
+        c.repctl("alpha", "pause", "r0", "gamma")
+        wait_for(lambda: c.states()["gamma"] == "paused", 60, "gamma paused")
+    finally:
+        sh("fsfreeze", "-u", str(mnt))
     for i in range(40):  # the primary goes on
         (mnt / f"b{i}").write_bytes(os.urandom(8192))
     sh("sync")

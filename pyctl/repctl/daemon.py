@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import queue
 import secrets
@@ -433,7 +434,9 @@ class SourceResource:
                                     f"formatted: run `repctl create-md {self.name}` first")
                 dm.create_device(self.name, [self._table()], ctl=ctl)
         self.consumer = Consumer(self.dev_path, sync=False)  # sync once a sync target joins
-        self.read_fd = os.open(self.dev_path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_DIRECT: a filesystem's data writes bypass the block device's page
+        # cache, so a buffered resync read could send stale data
+        self.read_fd = os.open(self.dev_path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         self.engine.start()
         for link in self.links.values():
             link.thread.start()
@@ -463,12 +466,17 @@ class SourceResource:
         self.events.emit(resource=self.name, what="down")
 
     def read_chunks(self, run: range) -> bytes:
+        """The chunks' current content, read past the page cache."""
         off = run.start * self.chunk_bytes
         length = min(len(run) * self.chunk_bytes, self.size - off)
-        data = os.pread(self.read_fd, length, off)
-        if len(data) != length:
-            raise ReplError(f"{self.dev_path}: short read at {off}")
-        return data
+        buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))  # page-aligned, as O_DIRECT needs
+        try:
+            got = os.preadv(self.read_fd, [memoryview(buf)[:length]], off)
+            if got != length:
+                raise ReplError(f"{self.dev_path}: short read at {off}")
+            return buf[:length]
+        finally:
+            buf.close()
 
     # -- joining the stream (engine thread) ------------------------------
     def join(self, link: Link) -> None:

@@ -21,6 +21,7 @@ class OOSBitmap:
         self.path = path
         self.nr_chunks = nr_chunks
         self.lock = threading.Lock()
+        self.save_lock = threading.Lock()  # saves in order: the last one has the newest bits
         self._bits = bytearray(-(-nr_chunks // 8))
         self.epoch = 0  # bumped by every absorb(): clears computed before it are void
         self.existed = path.exists()
@@ -82,6 +83,11 @@ class OOSBitmap:
             yield range(first, i)
 
     def save(self) -> None:
+        """Make the bits as they are now durable (threads may call it concurrently)."""
+        with self.save_lock:
+            self._save()
+
+    def _save(self) -> None:
         with self.lock:
             data = bytes(self._bits)
         tmp = self.path.with_suffix(".tmp")

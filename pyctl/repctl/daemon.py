@@ -374,8 +374,8 @@ class Link:
         self._drop(f"{self.admin} by the administrator", quiet=True)
 
 
-class SourceResource:
-    """A resource whose source is this node."""
+class _Resource:
+    """What a resource needs on either side: its config, secret, state folder and events."""
 
     def __init__(self, daemon: Daemon, cfg: Resource):
         self.daemon = daemon
@@ -386,6 +386,13 @@ class SourceResource:
         self.secret = daemon.config.read_secret(cfg.name)
         self.state_dir = daemon.state_dir / cfg.name
         self.state_dir.mkdir(parents=True, exist_ok=True)
+
+
+class SourceResource(_Resource):
+    """A resource whose source is this node."""
+
+    def __init__(self, daemon: Daemon, cfg: Resource):
+        super().__init__(daemon, cfg)
         node = cfg.nodes[self.node]
         if node.metadata is None:
             raise ReplError(f"resource {cfg.name}: node {self.node} is the source but has no metadata device")
@@ -673,18 +680,11 @@ class SourceResource:
 # ------------------------------------------------------------------ target side
 
 
-class TargetResource:
+class TargetResource(_Resource):
     """A resource this node is a target of: listen, authenticate, apply in order."""
 
     def __init__(self, daemon: Daemon, cfg: Resource):
-        self.daemon = daemon
-        self.cfg = cfg
-        self.name = cfg.name
-        self.node = daemon.node
-        self.events = daemon.events
-        self.secret = daemon.config.read_secret(cfg.name)
-        self.state_dir = daemon.state_dir / cfg.name
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(daemon, cfg)
         self.saved = _json_load(self.state_dir / "target.json", {"current": 0, "history": [], "consistent": True})
         self.device = str(cfg.nodes[self.node].device)
         self.store: Store | None = None

@@ -137,6 +137,9 @@ class Link:
         self.sync_started = 0.0
         self.last_error: str | None = None
         self.wake = threading.Event()
+        # held while ring records are read and sent: the engine takes it before
+        # it lets the kernel reuse ring space this link may still be sending
+        self.send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"link-{res.name}-{self.name}", daemon=True)
 
     # -- state ---------------------------------------------------------
@@ -311,7 +314,7 @@ class Link:
                                    f"{pending} chunks to resync")
                 else:
                     self.set_state("streaming")
-            sent = self._send_records(conn)
+            sent = self._send_records(conn, gen)
             run = None
             if self.state in ("syncing", "behind"):
                 run = next(resync, None)
@@ -340,9 +343,15 @@ class Link:
             if not sent and run is None:
                 res.consumer.wait(max(self.pos - 1, 0), 100)
 
-    def _send_records(self, conn: P.FramedConnection) -> int:
+    def _send_records(self, conn: P.FramedConnection, gen: int) -> int:
+        with self.send_lock:
+            if not self.joined or gen != self.join_gen:
+                return 0  # left the stream, or readmitted at another position
+            return self._send_records_locked(conn)
+
+    def _send_records_locked(self, conn: P.FramedConnection) -> int:
         st = self.res.consumer.state()
-        if not self.joined or self.pos < st.stream_start or not st.streaming and self.pos >= st.ring_end:
+        if self.pos < st.stream_start or not st.streaming and self.pos >= st.ring_end:
             return 0
         last = min(st.published, st.ring_end - 1)
         frames = []
@@ -531,6 +540,9 @@ class SourceResource(_Resource):
                 for link in links:
                     link.joined = False
                     link.join_wanted = link.join_wanted or link.conn is not None
+            for link in links:
+                with link.send_lock:
+                    pass  # no sender is still reading the old ring
             self.consumer.start_stream()
             mark = self._absorb(links)
             # every target holds everything before the mark in its own bitmap
@@ -576,6 +588,8 @@ class SourceResource(_Resource):
                                 self.name, l.name, st.published - l.ack)
                     with self.lock:
                         l.joined = False
+                    with l.send_lock:
+                        pass  # its records in flight are sent before others may ack past them
                     self.join(l)
                     l.wake.set()
 

@@ -255,8 +255,6 @@ def test_pause_resume_sends_only_changed_chunks(cluster):
     assert d["alpha"] == d["gamma"] == d["beta"]
 
 
-@pytest.mark.xfail(strict=False, reason="failed before the O_DIRECT resync-read and OOS-save fixes "
-                   "(196c5a4); not yet seen passing after them: see the issue note")
 def test_paused_idle_target_is_a_consistent_filesystem(cluster):
     c = cluster
     sh("mkfs.ext4", "-q", "-F", c.dev)

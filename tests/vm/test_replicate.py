@@ -292,8 +292,6 @@ def test_sync_target_has_the_write_when_it_completes(cluster):
         assert direct_read(c.beta_dev, off, CHUNK) == data, f"write {i} not on beta at completion"
 
 
-@pytest.mark.xfail(strict=False, reason="failed before the O_DIRECT resync-read and OOS-save fixes "
-                   "(196c5a4); not yet seen passing after them: see the issue note")
 def test_kill9_daemons_and_converge(cluster):
     c = cluster
     rng = random.Random(9)

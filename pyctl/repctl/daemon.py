@@ -397,6 +397,39 @@ class _Resource:
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
 
+class VerifyProgress:
+    """How far a running `verify` has got; `status` shows it on the target (docs/cli.md).
+
+    Pass 1 compares every chunk; pass 2, if any differed, re-checks only those.
+    """
+
+    def __init__(self, total: int, chunk_bytes: int):
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.chunk_bytes = chunk_bytes
+        self.begin(1, total)
+
+    def begin(self, pass_no: int, total: int) -> None:
+        with self._lock:
+            self.pass_no, self.total, self.done, self.differing = pass_no, total, 0, 0
+            self._t0 = time.monotonic()
+
+    def advance(self, chunks: int, differing: int) -> None:
+        with self._lock:
+            self.done += chunks
+            self.differing += differing
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            elapsed = time.monotonic() - self._t0
+            rate = self.done / elapsed if self.done and elapsed > 0 else 0.0
+            left = max(self.total - self.done, 0)
+            return {"pass": self.pass_no, "done_chunks": self.done, "total_chunks": self.total,
+                    "differing_chunks": self.differing, "chunk_size": self.chunk_bytes,
+                    "started": self.started, "rate_cps": rate,
+                    "eta_s": left / rate if rate > 0 else None}
+
+
 class SourceResource(_Resource):
     """A resource whose source is this node."""
 
@@ -427,6 +460,7 @@ class SourceResource(_Resource):
         self.last_clean = 0.0
         self.sync_on = False
         self.released = 0
+        self.verifying: dict[str, VerifyProgress] = {}  # target -> its running verify
 
     def generations(self) -> P.Generations:
         return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
@@ -643,7 +677,14 @@ class SourceResource(_Resource):
                       "chunk_size": self.chunk_bytes, "ring_used": st.ring_used,
                       "ring_bytes": st.ring_bytes, "published": st.published, "acked": st.acked}
         return {"name": self.name, "role": "source", "device": self.dev_path, "kernel": kernel,
-                "size": self.size, "targets": [l.status() for l in self.links.values()]}
+                "size": self.size, "targets": [self._target_status(l) for l in self.links.values()]}
+
+    def _target_status(self, link: Link) -> dict[str, Any]:
+        """A target's status, with what the administrator asked (`admin`: up, paused or
+        disconnected) and the progress of a verify that runs (null otherwise)."""
+        progress = self.verifying.get(link.name)
+        return {**link.status(), "admin": link.admin,
+                "verify": progress.status() if progress is not None else None}
 
     def verify(self, target: str) -> dict[str, Any]:
         """Compare chunk digests with the target; a second pass re-checks what differed."""
@@ -651,14 +692,24 @@ class SourceResource(_Resource):
         conn = link.conn
         if conn is None or link.state != "streaming":
             raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot verify now")
-        differing = self._compare(link, conn, range(self.nr_chunks))
-        if differing:
-            time.sleep(0.5)  # writes in flight during the first pass settle
-            differing = self._compare(link, conn, sorted(differing))
+        progress = VerifyProgress(self.nr_chunks, self.chunk_bytes)
+        if self.verifying.setdefault(target, progress) is not progress:
+            # two verifies would take each other's checksum replies
+            raise ReplError(f"{self.name}/{target}: a verify is already running "
+                            "(its progress is in `repctl status`)")
+        try:
+            differing = self._compare(link, conn, range(self.nr_chunks), progress)
+            if differing:
+                time.sleep(0.5)  # writes in flight during the first pass settle
+                progress.begin(2, len(differing))
+                differing = self._compare(link, conn, sorted(differing), progress)
+        finally:
+            del self.verifying[target]
         return {"resource": self.name, "target": target, "chunks": self.nr_chunks,
                 "chunk_size": self.chunk_bytes, "differing": sorted(differing)}
 
-    def _compare(self, link: Link, conn: P.FramedConnection, chunks: range | list[int]) -> set[int]:
+    def _compare(self, link: Link, conn: P.FramedConnection, chunks: range | list[int],
+                 progress: VerifyProgress | None = None) -> set[int]:
         # everything published now must be durable on the target first
         published = self.consumer.state().published
         deadline = time.monotonic() + 30
@@ -683,11 +734,14 @@ class SourceResource(_Resource):
             except queue.Empty:
                 raise ReplError(f"{self.name}/{link.name}: no checksum reply within 60 s") from None
             local = self.read_chunks(range(first, first + count))
+            before = len(differing)
             for k, digest in enumerate(reply.digests):
                 mine = algo.digest(local[k * self.chunk_bytes:(k + 1) * self.chunk_bytes])
                 if mine != digest:
                     differing.add(first + k)
             i += count
+            if progress is not None:
+                progress.advance(count, len(differing) - before)
         return differing
 
 
@@ -995,4 +1049,4 @@ class Daemon:
         self.events.unsubscribe(q)
 
 
-__all__ = ["Daemon", "SourceResource", "TargetResource", "Link", "STATES"]
+__all__ = ["Daemon", "SourceResource", "TargetResource", "Link", "STATES", "VerifyProgress"]

@@ -1,0 +1,168 @@
+"""The daemon's verify reports its progress in `status` while it runs.
+
+A real SourceResource over a sparse file (no device-mapper: `start` is never called), with a
+fake consumer and a fake connection to the target that answers checksum requests one at a time,
+when the test lets it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from repctl import protocol as P
+from repctl.config import load_config
+from repctl.daemon import Daemon, SourceResource
+from repctl.errors import ReplError
+
+CHUNK = 4096
+NR_CHUNKS = 2 * 4096 + 100  # three checksum requests of at most 4096 chunks
+BAD = {5, 4200, 8200}  # chunks that differ on the target
+
+
+class FakeTarget:
+    """The connection to the target: answers PING at once and each CSUM_REQUEST when allowed."""
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+        self.allow: queue.Queue[None] = queue.Queue()
+        self.requests: list[P.CsumRequest] = []
+        self.zero = P.DigestAlgorithm.BLAKE2B_256.digest(bytes(CHUNK))
+        self.other = P.DigestAlgorithm.BLAKE2B_256.digest(b"x" * CHUNK)
+
+    def send_message(self, msg: Any) -> None:
+        if isinstance(msg, P.Ping):
+            self.link.pongs.pop(msg.token).set()
+        elif isinstance(msg, P.CsumRequest):
+            self.requests.append(msg)
+            self.allow.get(timeout=10)
+            chunks = range(msg.first, msg.first + msg.count)
+            digests = tuple(self.other if c in BAD else self.zero for c in chunks)
+            self.link.csum_replies.put(P.CsumReply(msg.first, digests, msg.algorithm))
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[tuple[SourceResource, FakeTarget]]:
+    data = tmp_path / "data.img"
+    with open(data, "wb") as f:
+        f.truncate(NR_CHUNKS * CHUNK)
+    secret = tmp_path / "secret"
+    secret.write_text("test-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    cfg = tmp_path / "repctl.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "global": {"control_socket": str(tmp_path / "s.sock"), "state_dir": str(tmp_path / "st"),
+                   "secret_file": str(secret)},
+        "resources": {"r0": {
+            "port": 7789, "source": "alpha",
+            "nodes": {"alpha": {"address": "10.0.0.1", "device": str(data),
+                                "metadata": str(tmp_path / "md.img")},
+                      "beta": {"address": "10.0.0.2", "device": "/dev/vg0/r0"}},
+            "targets": {"beta": {"mode": "sync"}},
+        }},
+    }))
+    config = load_config(cfg)
+    res = SourceResource(Daemon(config, "alpha"), config.resource("r0"))
+    res.consumer = SimpleNamespace(state=lambda: SimpleNamespace(published=0))  # type: ignore[assignment]
+    res.read_fd = os.open(data, os.O_RDONLY)
+    link = res.link("beta")
+    target = FakeTarget(link)
+    link.conn, link.state = target, "streaming"  # type: ignore[assignment]
+    try:
+        yield res, target
+    finally:
+        os.close(res.read_fd)
+
+
+def verify_of(res: SourceResource) -> Any:
+    (beta,) = res.status()["targets"]
+    return beta["verify"]
+
+
+def wait_until(cond: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_verify_progress_is_in_status_while_it_runs(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, target = source
+    assert verify_of(res) is None
+    (beta,) = res.status()["targets"]
+    assert beta["admin"] == "up"
+    started = time.time()
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(res.verify("beta")), daemon=True)
+    worker.start()
+
+    wait_until(lambda: len(target.requests) == 1, "the first checksum request")
+    v = verify_of(res)
+    assert v["pass"] == 1 and v["done_chunks"] == 0 and v["total_chunks"] == NR_CHUNKS
+    assert v["chunk_size"] == CHUNK and v["differing_chunks"] == 0
+    assert started - 1 <= v["started"] <= time.time()
+    assert v["rate_cps"] == 0.0 and v["eta_s"] is None  # nothing compared yet: no estimate
+
+    target.allow.put(None)
+    wait_until(lambda: len(target.requests) == 2, "the second checksum request")
+    v = verify_of(res)
+    assert v["done_chunks"] == 4096 and v["differing_chunks"] == 1
+    assert v["rate_cps"] > 0 and v["eta_s"] == pytest.approx(
+        (NR_CHUNKS - 4096) / v["rate_cps"], rel=0.5)
+
+    target.allow.put(None)
+    wait_until(lambda: len(target.requests) == 3, "the third checksum request")
+    assert verify_of(res)["done_chunks"] == 8192
+
+    target.allow.put(None)  # the last of pass 1; pass 2 re-checks the 3 differing chunks
+    wait_until(lambda: len(target.requests) == 4, "pass 2")
+    v = verify_of(res)
+    assert v["pass"] == 2 and v["total_chunks"] == len(BAD) and v["done_chunks"] == 0
+    for _ in BAD:  # one request per run of consecutive chunks: none are adjacent
+        target.allow.put(None)
+    worker.join(10)
+    assert not worker.is_alive()
+    assert result["differing"] == sorted(BAD) and result["chunks"] == NR_CHUNKS
+    assert verify_of(res) is None  # done: no verify object any more
+
+
+def test_a_second_verify_of_the_same_target_is_refused(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, target = source
+    worker = threading.Thread(target=res.verify, args=("beta",), daemon=True)
+    worker.start()
+    wait_until(lambda: target.requests, "the first checksum request")
+    with pytest.raises(ReplError, match="r0/beta: a verify is already running"):
+        res.verify("beta")
+    assert verify_of(res)["pass"] == 1  # the running one is untouched
+    for _ in range(3 + len(BAD)):
+        target.allow.put(None)
+    worker.join(10)
+    assert not worker.is_alive() and verify_of(res) is None
+
+
+def test_a_failed_verify_leaves_no_progress_behind(
+    source: tuple[SourceResource, FakeTarget], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    res, _ = source
+
+    def broken(run: range) -> bytes:
+        raise ReplError("/dev/mapper/r0: short read at 0")
+
+    monkeypatch.setattr(res, "read_chunks", broken)
+    target = res.link("beta").conn
+    threading.Thread(target=lambda: target.allow.put(None), daemon=True).start()
+    with pytest.raises(ReplError, match="short read"):
+        res.verify("beta")
+    assert verify_of(res) is None

@@ -27,7 +27,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from repctl import metadata, render
+from repctl import follow, metadata, render
 from repctl.config import DEFAULT_CONFIG_PATH, Config, load_config
 from repctl.control import ControlClient, ControlServer
 from repctl.errors import ConfigError, ReplError
@@ -48,6 +48,15 @@ EXIT_DIFFERS = 3
 
 #: `verify` lists at most this many differing chunks.
 VERIFY_SHOWN = 20
+
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+#: Seconds between two status polls while `verify` or `--wait` shows progress.
+POLL_INTERVAL = follow.POLL_INTERVAL
+
+#: Seconds a status poll may take while `verify` runs (its progress display skips a slow one).
+POLL_TIMEOUT = 5.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -381,6 +390,15 @@ TargetArg = Annotated[
     str | None, typer.Argument(help="One target of the resource (default: all of them).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="Then wait until the target(s) stream, showing the resync."),
+]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", min=0, metavar="SECONDS",
+                 help="With --wait: give up after SECONDS (exit 1; the resync goes on)."),
+]
 
 
 def _ask(ctx: typer.Context, cmd: str, resource: str, target: str | None = None) -> None:
@@ -417,16 +435,55 @@ def pause(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -
 
 @app.command()
 @edge
-def resume(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -> None:
-    """Resume a paused mirror; only the chunks changed meanwhile are resynchronised."""
-    _ask(ctx, "resume", resource, target)
+def resume(
+    ctx: typer.Context, resource: ResourceArg, target: TargetArg = None, wait: WaitOpt = False,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Resume a paused mirror; only the chunks changed meanwhile are resynchronised.
+
+    With --wait, return only once TARGET (or every target) streams again; exit 1 if one is
+    paused or disconnected meanwhile, or when --timeout passes.
+    """
+    _ask_and_wait(ctx, "resume", resource, target, wait, timeout)
 
 
 @app.command()
 @edge
-def connect(ctx: typer.Context, resource: ResourceArg, target: TargetArg = None) -> None:
-    """Connect to TARGET (or every target) again after a disconnect."""
-    _ask(ctx, "connect", resource, target)
+def connect(
+    ctx: typer.Context, resource: ResourceArg, target: TargetArg = None, wait: WaitOpt = False,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Connect to TARGET (or every target) again after a disconnect.
+
+    With --wait, return only once TARGET (or every target) streams; exit 1 if one is paused or
+    disconnected meanwhile, or when --timeout passes.
+    """
+    _ask_and_wait(ctx, "connect", resource, target, wait, timeout)
+
+
+def _ask_and_wait(
+    ctx: typer.Context, cmd: str, resource: str, target: str | None, wait: bool,
+    timeout: float | None,
+) -> None:
+    if timeout is not None and not wait:
+        raise typer.BadParameter("--timeout goes with --wait", param_hint="'--timeout'")
+    _ask(ctx, cmd, resource, target)
+    if not wait:
+        return
+    with _progress() as show:
+        draw = None if show is None else lambda entries: show(
+            {f"{resource}/{t.get('name')}": render.sync_bar(t) for t in entries}
+        )
+        try:
+            names = follow.wait_streaming(
+                functools.partial(_status, ctx, resource), resource,
+                [target] if target else None, timeout=timeout, show=draw, interval=POLL_INTERVAL,
+            )
+        except KeyboardInterrupt:
+            raise fail(f"stopped waiting; the daemon goes on (repctl status {resource})",
+                       EXIT_INTERRUPTED) from None
+    for name in names:
+        typer.echo(f"{resource}/{name}: streaming")
 
 
 @app.command()
@@ -455,7 +512,11 @@ def _status(ctx: typer.Context, resource: str | None) -> dict[str, Any]:
 def status(
     ctx: typer.Context,
     resource: Annotated[str | None, typer.Argument(help="Only this resource.")] = None,
-    json: JsonOpt = False,
+    json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the daemon's status document as JSON (docs/cli.md); "
+                     "a target being verified has a 'verify' object with its progress."),
+    ] = False,
     watch: Annotated[
         float | None,
         typer.Option("--watch", "-w", min=0.2, help="Refresh every SECONDS until Ctrl-C."),
@@ -483,14 +544,43 @@ def status(
 
 
 @contextmanager
-def _working(text: str) -> Iterator[None]:
-    """A spinner on stderr while a long daemon call blocks (only on a terminal)."""
+def _progress() -> Iterator[Callable[[dict[str, render.Bar]], None] | None]:
+    """Progress bars on stderr, only on a terminal: yields a function that shows the given bars
+    (redrawn a few times a second, cleared at the end), or None when stderr is not a terminal, so
+    that a log or a pipe gets no bar."""
     con = render.console(stderr=True)
     if not con.is_terminal:
-        yield
+        yield None
         return
-    with con.status(text):
-        yield
+    from rich.live import Live
+
+    with Live(render.progress_view({}), console=con, transient=True,
+              refresh_per_second=4) as live:
+        yield lambda bars: live.update(render.progress_view(bars), refresh=True)
+
+
+def _verify_call(session: Session, resource: str, target: str) -> Any:
+    """The daemon's verify result. On a terminal, a second connection polls the status meanwhile
+    and a bar shows the target's ``verify`` progress."""
+
+    def call() -> Any:
+        return session.client(timeout=None).call("verify", resource=resource, target=target)
+
+    name = f"{resource}/{target}"
+    with _progress() as show:
+        if show is None:
+            return call()
+        show({name: render.Bar(0, None, "starting")})
+
+        def draw(st: dict[str, Any]) -> None:
+            t = follow.find_target(st, resource, target)
+            if t is not None and isinstance(t.get("verify"), dict):
+                show({name: render.verify_bar(t["verify"])})
+
+        def poll() -> Any:
+            return session.client(POLL_TIMEOUT).call("status")
+
+        return follow.call_with_progress(call, poll, draw, POLL_INTERVAL)
 
 
 VERIFY_COLUMNS = (
@@ -510,11 +600,14 @@ def verify(
 ) -> None:
     """Compare RESOURCE with TARGET chunk by chunk (checksums); exit 0 only if identical.
 
-    Exit 3 when chunks differ, 1 on an error. The daemon blocks until the comparison is done.
+    Exit 3 when chunks differ, 1 on an error. The daemon blocks until the comparison is done;
+    on a terminal a progress bar shows how far it is.
     """
-    client = _session(ctx).client(timeout=None)
-    with _working(f"verifying {resource} against {target}..."):
-        result = client.call("verify", resource=resource, target=target)
+    try:
+        result = _verify_call(_session(ctx), resource, target)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; the daemon finishes this verify anyway (repctl status "
+                   f"{resource})", EXIT_INTERRUPTED) from None
     if not isinstance(result, dict):
         raise ReplError("the repctl daemon sent a malformed verify result")
     differing = [c for c in result.get("differing") or [] if isinstance(c, int)]

@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 __all__ = [
     "STATUS_COLUMNS",
+    "Bar",
     "Column",
     "console",
     "event_line",
@@ -28,10 +30,13 @@ __all__ = [
     "human_rate",
     "print_json",
     "print_table",
+    "progress_view",
     "status_details",
     "status_rows",
     "status_view",
+    "sync_bar",
     "table",
+    "verify_bar",
 ]
 
 MISSING = "-"
@@ -235,7 +240,7 @@ def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
 _KNOWN_RES = {"name", "role", "device", "kernel", "targets", "source", "connection", "state",
               "consistent", "bytes_received", "last_error", "size"}
 _KNOWN_TARGET = {"name", "mode", "state", "connection", "address", "out_of_sync_bytes",
-                 "bytes_sent", "lag_bytes", "lag_records", "sync", "last_error"}
+                 "bytes_sent", "lag_bytes", "lag_records", "sync", "last_error", "admin", "verify"}
 
 
 def _extra(d: Mapping[str, Any], known: set[str]) -> list[str]:
@@ -282,6 +287,8 @@ def status_details(status: Mapping[str, Any]) -> list[str]:
             tparts = []
             if t.get("address"):
                 tparts.append(f"at {t['address']}")
+            if isinstance(t.get("verify"), Mapping):
+                tparts.append(f"verifying: {verify_bar(t['verify']).detail}")
             tparts += _extra(t, _KNOWN_TARGET)
             if t.get("last_error"):
                 tparts.append(f"last error: {t['last_error']}")
@@ -307,6 +314,104 @@ def status_view(status: Mapping[str, Any]) -> RenderableType:
         parts.append(Text(""))
         parts.extend(Text(line) for line in details)
     return Group(*parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress of long operations (verify, a resync awaited with --wait)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One progress bar: `completed` of `total` (None: not known yet, the bar pulses), and a text
+    after it."""
+
+    completed: float
+    total: float | None
+    detail: str
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _rate_eta(rate_bps: object, eta_s: object) -> str:
+    parts = []
+    if _num(rate_bps):
+        parts.append(human_rate(rate_bps))
+    if _num(eta_s) is not None:
+        parts.append(f"ETA {human_duration(eta_s)}")
+    return "  ".join(parts)
+
+
+def verify_bar(v: Mapping[str, Any]) -> Bar:
+    """The bar of a running verify, from the target's ``verify`` object in the status document:
+    ``4096 of 16384 chunks  16.0 MiB/s  ETA 3s  2 differ``."""
+    done, total = _num(v.get("done_chunks")) or 0.0, _num(v.get("total_chunks"))
+    parts = [f"{int(done)} of {int(total)} chunks" if total is not None else f"{int(done)} chunks"]
+    if v.get("pass") == 2:
+        parts[0] += " re-checked"
+    rate, size = _num(v.get("rate_cps")), _num(v.get("chunk_size"))
+    parts.append(_rate_eta(rate * size if rate and size else None, v.get("eta_s")))
+    if v.get("differing_chunks"):
+        parts.append(f"{v['differing_chunks']} differ")
+    return Bar(done, total, "  ".join(p for p in parts if p))
+
+
+def sync_bar(t: Mapping[str, Any]) -> Bar:
+    """The bar of a target awaited until it streams, from its entry in the status document:
+    ``syncing 1.0 GiB of 4.0 GiB  47.7 MiB/s  ETA 1m04s``."""
+    state = str(t.get("state") or "?")
+    if state == "streaming":
+        return Bar(1, 1, "streaming")
+    sync = t.get("sync")
+    if isinstance(sync, Mapping):
+        done, total = _num(sync.get("done_bytes")) or 0.0, _num(sync.get("total_bytes"))
+        if total:
+            text = f"{state} {human_bytes(done)} of {human_bytes(total)}"
+            speed = _rate_eta(sync.get("rate_bps"), sync.get("eta_s"))
+            return Bar(min(done, total), total, f"{text}  {speed}" if speed else text)
+    text = state
+    if t.get("out_of_sync_bytes"):
+        text += f", {human_bytes(t['out_of_sync_bytes'])} out of sync"
+    if state == "connecting" and t.get("last_error"):
+        text += f" (last error: {t['last_error']})"
+    return Bar(0, None, text)
+
+
+def progress_view(bars: Mapping[str, Bar]) -> RenderableType:
+    """One line per bar: its name, the bar, the percentage and the detail text. On a narrow
+    terminal the bar, then the detail text, are cut short, never the name or the percentage."""
+    return _ProgressView(dict(bars))
+
+
+class _ProgressView:
+    BAR = 30  # widest bar
+    MIN_BAR = 10
+
+    def __init__(self, bars: dict[str, Bar]) -> None:
+        self.bars = bars
+
+    def __rich_console__(self, con: Console, options: ConsoleOptions) -> RenderResult:
+        name_w = max((len(n) for n in self.bars), default=0)
+        percent_w = 6
+        details = max((len(b.detail) for b in self.bars.values()), default=0)
+        room = options.max_width - name_w - percent_w - 3  # the three spaces between columns
+        bar_w = max(self.MIN_BAR, min(self.BAR, room - details))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, width=name_w)
+        grid.add_column(no_wrap=True, width=bar_w)
+        grid.add_column(justify="right", no_wrap=True, width=percent_w)
+        grid.add_column(no_wrap=True, overflow="ellipsis", width=max(room - bar_w, 1))
+        for name, bar in self.bars.items():
+            total = bar.total if bar.total else None
+            percent = f"{min(100.0, 100.0 * bar.completed / total):.1f}%" if total else ""
+            grid.add_row(Text(name), ProgressBar(total=total, completed=bar.completed,
+                                                 width=bar_w),
+                         percent, Text(bar.detail, no_wrap=True, overflow="ellipsis"))
+        yield grid
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import queue
@@ -11,6 +12,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,10 @@ from typing import Any
 
 import pytest
 import yaml
-from repctl import cli, metadata, render
+from repctl import cli, follow, metadata, render
 from repctl.control import ControlClient, ControlServer
 from repctl.errors import ReplError
+from rich.console import Console
 from typer.testing import CliRunner
 
 STATUS: dict[str, Any] = {
@@ -55,7 +58,9 @@ class FakeDaemon:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.fail: dict[str, BaseException] = {}
         self.status_doc: dict[str, Any] = copy.deepcopy(STATUS)
+        self.status_docs: list[dict[str, Any]] = []  # the next status answers, then status_doc
         self.verify_result: dict[str, Any] = {}
+        self.verify_hook: Any = None  # called before verify answers (it may block)
         self.events: queue.Queue[Any] = queue.Queue()
 
     def _call(self, name: str, result: Any = None, **kw: Any) -> Any:
@@ -65,6 +70,8 @@ class FakeDaemon:
         return result
 
     def status(self) -> Any:
+        if self.status_docs:
+            self.status_doc = self.status_docs.pop(0)
         return self._call("status", self.status_doc)
 
     def up(self, resource: str) -> Any:
@@ -86,6 +93,8 @@ class FakeDaemon:
         return self._call("disconnect", "disconnected", resource=resource, target=target)
 
     def verify(self, resource: str, target: str) -> Any:
+        if self.verify_hook is not None:
+            self.verify_hook()
         return self._call("verify", self.verify_result, resource=resource, target=target)
 
     def subscribe(self) -> Any:
@@ -336,6 +345,279 @@ def test_verify_error_exits_1(config: Path, server: ControlServer, daemon: FakeD
     result = run(config, "verify", "r0", "beta")
     assert result.exit_code == 1
     assert result.stderr == "repctl: error: r0/beta: not streaming (paused): cannot verify now\n"
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def target_doc(state: str, *, admin: str = "up", sync: Any = None, verify: Any = None,
+               oos: int = 0, last_error: str | None = None) -> dict[str, Any]:
+    """A status document whose r0 has one target, gamma, in `state`."""
+    return {"node": "alpha", "resources": [{
+        "name": "r0", "role": "source", "device": "/dev/mapper/r0",
+        "targets": [{"name": "gamma", "mode": "async", "state": state, "admin": admin,
+                     "connection": "connected", "out_of_sync_bytes": oos, "sync": sync,
+                     "verify": verify, "last_error": last_error}],
+    }]}
+
+
+SYNCING = {"done_bytes": 1 << 30, "total_bytes": 4 << 30, "rate_bps": 50e6, "eta_s": 64.0}
+VERIFYING = {"pass": 1, "done_chunks": 4096, "total_chunks": 16384, "differing_chunks": 2,
+             "chunk_size": 4096, "started": 0.0, "rate_cps": 4096.0, "eta_s": 3.0}
+
+
+@pytest.fixture
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "POLL_INTERVAL", 0.02)
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """stderr is a terminal: what the CLI draws there lands in the returned buffer."""
+    screen = io.StringIO()
+    plain = render.console
+
+    def console(*, stderr: bool = False) -> Console:
+        if stderr:
+            return Console(file=screen, force_terminal=True, width=120, highlight=False)
+        return plain(stderr=stderr)
+
+    monkeypatch.setattr(render, "console", console)
+    return screen
+
+
+def test_verify_without_a_terminal_prints_no_progress(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.verify_result = {"chunks": 16, "chunk_size": 4096, "differing": []}
+    daemon.verify_hook = lambda: time.sleep(0.2)  # long enough for several polls
+    result = run(config, "verify", "r0", "beta")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "r0/beta: identical (16 chunks compared)\n"
+    assert result.stderr == ""
+    assert [c for c, _ in daemon.calls] == ["verify"], "no status polls when nobody sees a bar"
+
+
+def test_verify_on_a_terminal_shows_the_daemons_progress(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None,
+    terminal: io.StringIO,
+) -> None:
+    doc = copy.deepcopy(STATUS)
+    doc["resources"][0]["targets"][0]["verify"] = VERIFYING
+    daemon.status_doc = doc
+    polled = threading.Event()
+    daemon.verify_result = {"chunks": 16384, "chunk_size": 4096, "differing": []}
+
+    def slow() -> None:
+        while sum(c == "status" for c, _ in daemon.calls) < 3:
+            time.sleep(0.01)
+        polled.set()
+
+    daemon.verify_hook = slow
+    result = run(config, "verify", "r0", "beta")
+    assert result.exit_code == 0, result.output
+    assert polled.is_set()
+    assert result.stdout == "r0/beta: identical (16384 chunks compared)\n"  # stdout stays clean
+    drawn = terminal.getvalue()
+    assert "r0/beta" in drawn and "25.0%" in drawn
+    assert "4096 of 16384 chunks  16.0 MiB/s  ETA 3s  2 differ" in drawn
+
+
+def test_verify_error_with_progress_is_one_line(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None,
+    terminal: io.StringIO,
+) -> None:
+    daemon.verify_hook = lambda: time.sleep(0.1)
+    daemon.fail["verify"] = ReplError("r0/beta: no checksum reply within 60 s")
+    result = run(config, "verify", "r0", "beta")
+    assert result.exit_code == 1
+    assert result.stderr == "repctl: error: r0/beta: no checksum reply within 60 s\n"
+
+
+def test_resume_wait_until_streaming(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.status_docs = [
+        target_doc("paused"),  # the link has not seen the resume yet: admin is already up
+        target_doc("connecting"),
+        target_doc("syncing", sync=SYNCING, oos=3 << 30),
+        target_doc("streaming"),
+    ]
+    result = run(config, "resume", "r0", "gamma", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "resumed\nr0/gamma: streaming\n"
+    assert result.stderr == "" and "\x1b" not in result.stdout  # no bar without a terminal
+    assert [c for c, _ in daemon.calls] == ["resume"] + ["status"] * 4
+
+
+def test_connect_wait_of_every_target(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    syncing = copy.deepcopy(STATUS)
+    streaming = copy.deepcopy(syncing)
+    streaming["resources"][0]["targets"][1].update(state="streaming", sync=None)
+    daemon.status_docs = [syncing, streaming]
+    result = run(config, "connect", "r0", "--wait", "--timeout", "10")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "connecting\nr0/beta: streaming\nr0/gamma: streaming\n"
+    assert daemon.calls[0] == ("connect", {"resource": "r0", "target": None})
+
+
+def test_wait_shows_the_resync_on_a_terminal(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None,
+    terminal: io.StringIO,
+) -> None:
+    daemon.status_docs = [target_doc("syncing", sync=SYNCING)] * 8 + [target_doc("streaming")]
+    result = run(config, "resume", "r0", "gamma", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "resumed\nr0/gamma: streaming\n"
+    drawn = terminal.getvalue()
+    assert "r0/gamma" in drawn and "25.0%" in drawn
+    assert "syncing 1.0 GiB of 4.0 GiB  47.7 MiB/s  ETA 1m04s" in drawn
+
+
+def test_wait_fails_when_the_target_is_disconnected(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.status_docs = [target_doc("syncing", sync=SYNCING),
+                          target_doc("disconnected", admin="disconnected")]
+    result = run(config, "connect", "r0", "gamma", "--wait")
+    assert result.exit_code == 1
+    assert result.stdout == "connecting\n"
+    assert result.stderr == (
+        "repctl: error: r0/gamma: disconnected by the administrator while waiting for it to "
+        "stream (repctl connect r0 gamma)\n"
+    )
+
+
+def test_wait_times_out_with_one_line(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.status_doc = target_doc("syncing", sync=SYNCING)
+    started = time.monotonic()
+    result = run(config, "resume", "r0", "gamma", "--wait", "--timeout", "0.3")
+    assert 0.3 <= time.monotonic() - started < 5
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "repctl: error: timed out after 0.3 s waiting to stream: r0/gamma syncing, 25.0% done "
+        "(it goes on in the background: repctl status r0)\n"
+    )
+
+
+def test_wait_fails_when_the_daemon_goes_away(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.status_doc = target_doc("connecting")
+
+    def stop_soon() -> None:
+        time.sleep(0.2)
+        server.stop()
+
+    threading.Thread(target=stop_soon, daemon=True).start()
+    result = run(config, "resume", "r0", "gamma", "--wait")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("repctl: error: cannot reach the repctl daemon at ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_timeout_without_wait_is_a_usage_error(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
+    result = run(config, "resume", "r0", "--timeout", "5")
+    assert result.exit_code == 2
+    assert "--timeout goes with --wait" in result.output
+    assert daemon.calls == [], "nothing was resumed"
+
+
+def test_wait_streaming_rules() -> None:
+    docs = iter([target_doc("paused"), target_doc("syncing", sync=SYNCING),
+                 target_doc("streaming")])
+    seen: list[list[str]] = []
+    names = follow.wait_streaming(lambda: next(docs), "r0", ["gamma"], sleep=lambda s: None,
+                                  show=lambda ts: seen.append([t["state"] for t in ts]))
+    assert names == ["gamma"] and seen == [["paused"], ["syncing"], ["streaming"]]
+    # paused by the administrator while waiting: it will not stream by itself
+    with pytest.raises(ReplError, match=r"^r0/gamma: paused by the administrator .*"
+                                        r"\(repctl resume r0 gamma\)$"):
+        follow.wait_streaming(lambda: target_doc("paused", admin="paused"), "r0",
+                              sleep=lambda s: None)
+    # a daemon that does not report admin: its connection says "down"
+    old = target_doc("disconnected")
+    del old["resources"][0]["targets"][0]["admin"]
+    old["resources"][0]["targets"][0]["connection"] = "down"
+    with pytest.raises(ReplError, match="disconnected by the administrator"):
+        follow.wait_streaming(lambda: old, "r0", sleep=lambda s: None)
+    # the timeout, on a fake clock
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    with pytest.raises(ReplError, match=r"timed out after 2 s .* r0/gamma connecting, last "
+                                        r"error: connection refused"):
+        follow.wait_streaming(
+            lambda: target_doc("connecting", last_error="connection refused"), "r0",
+            timeout=2, clock=lambda: now[0], sleep=sleep,
+        )
+    assert now[0] == 2.0
+    with pytest.raises(ReplError, match="has no target 'delta'"):
+        follow.wait_streaming(lambda: target_doc("streaming"), "r0", ["delta"])
+    with pytest.raises(ReplError, match="resource r9 is no longer up"):
+        follow.wait_streaming(lambda: target_doc("streaming"), "r9")
+
+
+def test_call_with_progress_returns_or_raises_the_calls_outcome() -> None:
+    polls: list[int] = []
+
+    def poll() -> dict[str, Any]:
+        polls.append(1)
+        if len(polls) == 2:
+            raise ReplError("a slow status is skipped")
+        return {}
+
+    def call() -> str:
+        time.sleep(0.2)
+        return "done"
+
+    shown: list[Any] = []
+    assert follow.call_with_progress(call, poll, shown.append, 0.02) == "done"
+    assert len(polls) >= 3 and len(shown) == len(polls) - 1
+
+    def broken() -> str:
+        raise ReplError("r0/beta: not streaming")
+
+    with pytest.raises(ReplError, match="not streaming"):
+        follow.call_with_progress(broken, poll, shown.append, 0.02)
+
+
+def test_render_progress_bars() -> None:
+    assert render.verify_bar(VERIFYING) == render.Bar(
+        4096, 16384, "4096 of 16384 chunks  16.0 MiB/s  ETA 3s  2 differ")
+    assert render.verify_bar({"pass": 2, "done_chunks": 1, "total_chunks": 3}) == render.Bar(
+        1, 3, "1 of 3 chunks re-checked")
+    assert render.sync_bar({"state": "syncing", "sync": SYNCING}) == render.Bar(
+        1 << 30, 4 << 30, "syncing 1.0 GiB of 4.0 GiB  47.7 MiB/s  ETA 1m04s")
+    assert render.sync_bar({"state": "streaming"}) == render.Bar(1, 1, "streaming")
+    assert render.sync_bar({"state": "behind", "out_of_sync_bytes": 1 << 20}) == render.Bar(
+        0, None, "behind, 1.0 MiB out of sync")
+    con = Console(file=io.StringIO(), width=120, force_terminal=False)
+    con.print(render.progress_view({"r0/gamma": render.sync_bar({"state": "syncing",
+                                                                 "sync": SYNCING})}))
+    line = con.file.getvalue()  # type: ignore[attr-defined]
+    assert line.startswith("r0/gamma ") and " 25.0% syncing 1.0 GiB of 4.0 GiB" in line
+
+
+def test_status_shows_a_running_verify(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
+    daemon.status_doc = target_doc("streaming", verify=VERIFYING)
+    result = run(config, "status")
+    assert result.exit_code == 0, result.output
+    assert ("r0 -> gamma: verifying: 4096 of 16384 chunks  16.0 MiB/s  ETA 3s  2 differ"
+            in result.stdout)
+    assert "admin" not in result.stdout  # the State column says it already
+    result = run(config, "status", "--json")
+    assert json.loads(result.stdout)["resources"][0]["targets"][0]["verify"] == VERIFYING
 
 
 # ---------------------------------------------------------------------------- events

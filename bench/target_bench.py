@@ -104,6 +104,10 @@ def say(msg: str) -> None:
 # ---------------------------------------------------------------- the consumer process
 
 
+WAIT_BATCH = 64  # records per wake-up of the async consumer
+WAIT_MS = 10     # ... or this long
+
+
 def consumer_main(device: str) -> int:
     """Commands on stdin, one JSON reply per line on stdout.
 
@@ -142,8 +146,9 @@ def consumer_main(device: str) -> int:
                     stats["records"] += len(r)
                 if poll:
                     time.sleep(0.02)
-                elif not len(r):
-                    c.wait(st.published, 100)
+                else:
+                    # as the daemon does: woken per batch (or sooner, see Consumer.wait)
+                    c.wait(st.published, WAIT_MS, batch=WAIT_BATCH)
                     stats["waits"] += 1
         except BaseException as e:  # reported with the stop reply
             stats["error"] = f"{type(e).__name__}: {e}"

@@ -100,6 +100,33 @@ int repl_ring_reserve(struct repl_c *rc, u64 seq, u32 len, u64 *off)
 	return 0;
 }
 
+/*
+ * rc->lock held, published just moved: wake the waiters?  Each waiter
+ * registers the published value it waits for in wake_at (wait_for); a wake
+ * resets it and the waiters that must sleep on register again.
+ */
+bool repl_should_wake(struct repl_c *rc)
+{
+	if (rc->published < rc->wake_at && !(rc->flags & REPL_F_SYNC) &&
+	    repl_ring_used(rc) < rc->data_bytes / 4)
+		return false;
+	rc->wake_at = U64_MAX;
+	return true;
+}
+
+/* The condition of a wait for published >= target: registers the waiter. */
+static bool reached(struct repl_c *rc, u64 target)
+{
+	bool r;
+
+	spin_lock_irq(&rc->lock);
+	r = rc->published >= target || rc->dead;
+	if (!r)
+		rc->wake_at = min(rc->wake_at, target);
+	spin_unlock_irq(&rc->lock);
+	return r;
+}
+
 /* rc->lock held: reclaim the space of acknowledged records. */
 void repl_ring_consumed(struct repl_c *rc)
 {
@@ -225,8 +252,7 @@ static void fill_state(struct repl_c *rc, struct repl_state *s)
 /* Wait until every write with seq < mark has completed. */
 static long wait_published(struct repl_c *rc, u64 mark)
 {
-	long r = wait_event_interruptible(rc->waitq,
-					  READ_ONCE(rc->published) + 1 >= mark || READ_ONCE(rc->dead));
+	long r = wait_event_interruptible(rc->waitq, reached(rc, mark - 1));
 	if (r)
 		return r;
 	return READ_ONCE(rc->dead) ? -ENODEV : 0;
@@ -430,11 +456,11 @@ static long do_wait(struct repl_file *rf, struct repl_c *rc, void __user *arg)
 
 	if (copy_from_user(&w, arg, sizeof(w)))
 		return -EFAULT;
-	if (w.pad)
+	if (w.after > U64_MAX - max(w.batch, 1U))
 		return -EINVAL;
 	r = wait_event_interruptible_timeout(rc->waitq,
-		READ_ONCE(rc->published) > w.after ||
-		READ_ONCE(rc->events) != rf->seen_events || READ_ONCE(rc->dead),
+		READ_ONCE(rc->events) != rf->seen_events ||
+		reached(rc, w.after + max(w.batch, 1U)),
 		msecs_to_jiffies(w.timeout_ms));
 	return r < 0 ? r : 0;
 }
@@ -512,7 +538,7 @@ static __poll_t repl_poll(struct file *file, poll_table *wait)
 	poll_wait(file, &rc->waitq, wait);
 	if (READ_ONCE(rc->dead))
 		return EPOLLHUP | EPOLLERR;
-	if (READ_ONCE(rc->published) > rf->seen_published)
+	if (reached(rc, rf->seen_published + 1))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (READ_ONCE(rc->events) != rf->seen_events)
 		mask |= EPOLLPRI;

@@ -256,15 +256,37 @@ static bool mark_dirty(struct repl_c *rc, struct repl_io *io)
 	return wait;
 }
 
-static void copy_bio_data(struct bio *bio, u8 *dst)
+/* The data as mapped: the data device may advance bio->bi_iter meanwhile. */
+static void copy_bio_data(struct repl_io *io, u8 *dst)
 {
 	struct bvec_iter iter;
 	struct bio_vec bv;
 
-	bio_for_each_segment(bv, bio, iter) {
+	__bio_for_each_segment(bv, io->bio, iter, io->iter) {
 		memcpy_from_bvec((char *)dst, &bv);
 		dst += bv.bv_len;
 	}
+}
+
+/*
+ * The copy workqueue: copy one write into its reserved ring space.  If the
+ * data device completed the write meanwhile, end_io deferred it: end the bio
+ * again, and end_io now publishes it.
+ */
+static void copy_work(struct work_struct *ws)
+{
+	struct repl_io *io = container_of(ws, struct repl_io, copy);
+	struct repl_c *rc = io->rc;
+	unsigned long flags;
+	bool done;
+
+	copy_bio_data(io, rc->data + io->data_off);
+	spin_lock_irqsave(&rc->lock, flags);
+	io->copying = false;
+	done = io->write_done;
+	spin_unlock_irqrestore(&rc->lock, flags);
+	if (done)
+		bio_endio(io->bio);
 }
 
 static u16 rec_op(struct bio *bio)
@@ -284,6 +306,7 @@ static void submit_io(struct repl_io *io)
 	dm_submit_bio_remap(io->bio, NULL);
 }
 
+/* The slot is ours: fill it, and copy the data or have it copied. */
 static void fill_record(struct repl_c *rc, struct repl_io *io, struct bio *bio,
 			u16 op, u64 off, u32 data_len)
 {
@@ -298,8 +321,16 @@ static void fill_record(struct repl_c *rc, struct repl_io *io, struct bio *bio,
 	rec->data_len = data_len;
 	rec->pad = 0;
 	memset(rec->reserved, 0, sizeof(rec->reserved));
-	if (data_len)
-		copy_bio_data(bio, rc->data + off);
+	if (!data_len)
+		return;
+	io->iter = bio->bi_iter;
+	io->data_off = off;
+	if (data_len < REPL_COPY_OFFLOAD_BYTES) {
+		copy_bio_data(io, rc->data + off);
+		return;
+	}
+	io->copying = true;	/* before the data device can complete it */
+	queue_work(rc->copy_wq, &io->copy);
 }
 
 /*
@@ -330,10 +361,14 @@ static int repl_map_write(struct repl_c *rc, struct bio *bio)
 	int r;
 
 	INIT_LIST_HEAD(&io->work);
+	INIT_WORK(&io->copy, copy_work);
+	io->rc = rc;
 	io->bio = bio;
 	io->is_write = true;
 	io->ack_done = false;
 	io->in_ring = false;
+	io->copying = false;
+	io->write_done = false;
 	io->held = true;	/* neither unparked nor submitted until mapped */
 	io->parked = false;
 	io->start = bio->bi_iter.bi_sector;
@@ -366,7 +401,7 @@ static int repl_map_write(struct repl_c *rc, struct bio *bio)
 	}
 	spin_unlock_irqrestore(&rc->lock, flags);
 
-	/* the slot is ours; it is published only after the write completes */
+	/* published only once the write and its copy completed */
 	fill_record(rc, io, bio, op, off, data_len);
 
 	spin_lock_irqsave(&rc->lock, flags);
@@ -418,12 +453,18 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 	struct repl_io *head;
 	unsigned long flags;
 	LIST_HEAD(release);
-	bool kick = false, wait_ack = false;
+	bool kick = false, wait_ack = false, wake;
 
 	if (!io->is_write || io->ack_done)
 		return DM_ENDIO_DONE;
 
 	spin_lock_irqsave(&rc->lock, flags);
+	if (io->copying) {
+		/* copy_work ends the bio again once its record is complete */
+		io->write_done = true;
+		spin_unlock_irqrestore(&rc->lock, flags);
+		return DM_ENDIO_INCOMPLETE;
+	}
 	list_del_init(&io->list);
 	if (*error == BLK_STS_NOTSUPP && io->in_ring &&
 	    (bio_op(bio) == REQ_OP_DISCARD || bio_op(bio) == REQ_OP_WRITE_ZEROES)) {
@@ -450,10 +491,12 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 		list_add_tail(&io->list, &rc->sync_waiters);
 		wait_ack = true;
 	}
+	wake = repl_should_wake(rc);
 	spin_unlock_irqrestore(&rc->lock, flags);
 
 	repl_complete_list(&release);
-	wake_up_all(&rc->waitq);
+	if (wake)
+		wake_up_all(&rc->waitq);
 	if (kick)
 		queue_work(rc->wq, &rc->worker);
 	return wait_ack ? DM_ENDIO_INCOMPLETE : DM_ENDIO_DONE;
@@ -623,6 +666,10 @@ static void repl_dtr(struct dm_target *ti)
 		destroy_workqueue(rc->wq);	/* drains the worker */
 		rc->wq = NULL;
 	}
+	if (rc->copy_wq) {
+		destroy_workqueue(rc->copy_wq);	/* idle: no write is in flight */
+		rc->copy_wq = NULL;
+	}
 	/* a consumer's CLEAN checks dead under commit_lock before any I/O */
 	mutex_lock(&rc->commit_lock);
 	if (rc->data_dev)
@@ -669,6 +716,7 @@ static int repl_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	rc->mode = REPL_MODE_TRACKING;
 	rc->reason = REPL_REASON_NO_CONSUMER;
 	rc->next_seq = 1;
+	rc->wake_at = U64_MAX;
 
 	rc->table_args = join_args(argc, argv);
 	if (!rc->table_args) {
@@ -723,7 +771,9 @@ static int repl_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	}
 
 	rc->wq = alloc_workqueue("dm-repl", WQ_MEM_RECLAIM | WQ_UNBOUND, 1);
-	if (!rc->wq) {
+	/* unbound: a copy runs on whichever CPU is free, beside the data write */
+	rc->copy_wq = alloc_workqueue("dm-repl-copy", WQ_MEM_RECLAIM | WQ_UNBOUND | WQ_HIGHPRI, 0);
+	if (!rc->wq || !rc->copy_wq) {
 		ti->error = "Cannot allocate workqueue";
 		r = -ENOMEM;
 		goto bad;

@@ -157,11 +157,17 @@ struct repl_state {
 	__u64 mark;
 };
 
-/* Wait until published > after, the mode changes, or timeout_ms passes. */
+/*
+ * Wait until published >= after + batch (a batch of 0 counts as 1), the mode
+ * changes, or timeout_ms passes.  A batch lets an asynchronous consumer be
+ * woken once per batch of records rather than once per write; the target
+ * wakes it earlier when a quarter of the ring's data area is in use, and for
+ * every record while REPL_F_SYNC is set (synchronous writers wait).
+ */
 struct repl_wait {
 	__u64 after;
 	__u32 timeout_ms;
-	__u32 pad;
+	__u32 batch;
 };
 
 /* Records with seq <= seq are consumed: their ring space is reused and

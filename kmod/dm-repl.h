@@ -33,12 +33,22 @@
 #define REPL_DEFAULT_SYNC_TIMEOUT_MS 5000
 #define REPL_MAX_IO_SECTORS 2048	/* bios are split at 1 MiB */
 #define REPL_BITS_PER_BLOCK (REPL_META_BLOCK_SIZE * 8)
+/*
+ * Writes at least this large are copied into the ring by the copy workqueue,
+ * on another CPU, while the data device writes them; smaller ones are copied
+ * in the submitting context, where a copy costs less than a hand-off.
+ */
+#define REPL_COPY_OFFLOAD_BYTES (32 * 1024)
 
 /* Per-bio state of a write (per_io_data). */
 struct repl_io {
 	struct list_head list;		/* rc->inflight, then rc->sync_waiters */
 	struct list_head work;		/* rc->deferred or rc->ready */
+	struct work_struct copy;	/* the ring copy, when offloaded */
+	struct repl_c *rc;
+	struct bvec_iter iter;		/* the data, as mapped */
 	struct bio *bio;
+	u64 data_off;
 	sector_t start, end;		/* on the data device; start == end for flush */
 	u64 seq;
 	unsigned long issued;		/* jiffies, for the sync timeout */
@@ -47,6 +57,8 @@ struct repl_io {
 	bool parked;			/* waits for an overlapping earlier write */
 	bool held;			/* still being mapped */
 	bool in_ring;
+	bool copying;			/* the ring copy is not done yet */
+	bool write_done;		/* ... but the data device completed */
 	bool ack_done;			/* second end_io pass after the ack */
 };
 
@@ -111,8 +123,10 @@ struct repl_c {
 	atomic64_t reads, read_bytes;
 
 	wait_queue_head_t waitq;	/* published, mode, detach */
+	u64 wake_at;			/* lowest published a waiter waits for */
 
 	struct workqueue_struct *wq;
+	struct workqueue_struct *copy_wq;
 	struct work_struct worker;
 	struct work_struct event_work;
 	struct delayed_work timeout_work;
@@ -149,6 +163,7 @@ void repl_ring_reset(struct repl_c *rc);			/* rc->lock held */
 int repl_ring_reserve(struct repl_c *rc, u64 seq, u32 len, u64 *off); /* rc->lock held */
 void repl_ring_consumed(struct repl_c *rc);			/* rc->lock held */
 u64 repl_ring_used(struct repl_c *rc);				/* rc->lock held */
+bool repl_should_wake(struct repl_c *rc);			/* rc->lock held */
 int repl_misc_register(void);
 void repl_misc_deregister(void);
 

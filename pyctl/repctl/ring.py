@@ -150,9 +150,13 @@ class Consumer:
             ring_bytes=s.ring_bytes, writes=s.writes, write_bytes=s.write_bytes, reads=s.reads,
             read_bytes=s.read_bytes, mark=s.mark)
 
-    def wait(self, after: int, timeout_ms: int = 1000) -> None:
-        """Block until a record after ``after`` is published, the mode changes or the timeout passes."""
-        w = ffi.new("struct repl_wait *", {"after": after, "timeout_ms": timeout_ms})
+    def wait(self, after: int, timeout_ms: int = 1000, batch: int = 1) -> None:
+        """Block until ``batch`` records after ``after`` are published, the mode changes or the timeout passes.
+
+        The target wakes the consumer earlier when a quarter of the ring is in use, and for
+        every record in synchronous mode.
+        """
+        w = ffi.new("struct repl_wait *", {"after": after, "timeout_ms": timeout_ms, "batch": batch})
         self._ioctl("wait", uapi.REPL_IOC_WAIT, w)
 
     def record(self, seq: int) -> Record:

@@ -102,7 +102,7 @@ int repl_ring_reserve(struct repl_c *rc, u64 seq, u32 len, u64 *off)
 
 /*
  * rc->lock held, published just moved: wake the waiters?  Each waiter
- * registers the published value it waits for in wake_at (wait_for); a wake
+ * registers the published value it waits for in wake_at (reached); a wake
  * resets it and the waiters that must sleep on register again.
  */
 bool repl_should_wake(struct repl_c *rc)
@@ -114,13 +114,18 @@ bool repl_should_wake(struct repl_c *rc)
 	return true;
 }
 
-/* The condition of a wait for published >= target: registers the waiter. */
-static bool reached(struct repl_c *rc, u64 target)
+/*
+ * The condition of a wait for published >= target, which repl_should_wake's
+ * early wake-ups end once published >= first: registers the waiter.
+ */
+static bool reached(struct repl_c *rc, u64 first, u64 target)
 {
 	bool r;
 
 	spin_lock_irq(&rc->lock);
-	r = rc->published >= target || rc->dead;
+	r = rc->published >= target || rc->dead ||
+	    (rc->published >= first && ((rc->flags & REPL_F_SYNC) ||
+					repl_ring_used(rc) >= rc->data_bytes / 4));
 	if (!r)
 		rc->wake_at = min(rc->wake_at, target);
 	spin_unlock_irq(&rc->lock);
@@ -252,7 +257,7 @@ static void fill_state(struct repl_c *rc, struct repl_state *s)
 /* Wait until every write with seq < mark has completed. */
 static long wait_published(struct repl_c *rc, u64 mark)
 {
-	long r = wait_event_interruptible(rc->waitq, reached(rc, mark - 1));
+	long r = wait_event_interruptible(rc->waitq, reached(rc, mark - 1, mark - 1));
 	if (r)
 		return r;
 	return READ_ONCE(rc->dead) ? -ENODEV : 0;
@@ -460,7 +465,7 @@ static long do_wait(struct repl_file *rf, struct repl_c *rc, void __user *arg)
 		return -EINVAL;
 	r = wait_event_interruptible_timeout(rc->waitq,
 		READ_ONCE(rc->events) != rf->seen_events ||
-		reached(rc, w.after + max(w.batch, 1U)),
+		reached(rc, w.after + 1, w.after + max(w.batch, 1U)),
 		msecs_to_jiffies(w.timeout_ms));
 	return r < 0 ? r : 0;
 }
@@ -538,7 +543,7 @@ static __poll_t repl_poll(struct file *file, poll_table *wait)
 	poll_wait(file, &rc->waitq, wait);
 	if (READ_ONCE(rc->dead))
 		return EPOLLHUP | EPOLLERR;
-	if (reached(rc, rf->seen_published + 1))
+	if (reached(rc, rf->seen_published + 1, rf->seen_published + 1))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (READ_ONCE(rc->events) != rf->seen_events)
 		mask |= EPOLLPRI;

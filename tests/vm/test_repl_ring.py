@@ -156,6 +156,64 @@ def _direct_write(path: str, offset: int, byte: bytes = b"s") -> float:
         os.close(fd)
 
 
+def _waiter(c: Consumer, after: int, batch: int, then=None) -> threading.Event:
+    """WAIT in a thread (20 s timeout); the event is set when it returns."""
+    woke = threading.Event()
+
+    def run() -> None:
+        c.wait(after, 20000, batch=batch)
+        woke.set()
+        if then:
+            then()
+
+    threading.Thread(target=run, daemon=True).start()
+    time.sleep(0.2)  # asleep in the kernel before the writes come
+    return woke
+
+
+def test_wait_wakes_once_per_batch(cleanup, loopdev):
+    dev = make_repl(cleanup, loopdev, "batch0", size_mb=16, features="2 ring_mb 1")
+    c = Consumer(dev.path)
+    cleanup.add("consumer batch0", c.close)
+    c.start_stream()
+    base = c.state().published
+    woke = _waiter(c, base, 4)
+    for i in range(3):
+        _direct_write(dev.path, i * 4096)
+    assert c.state().published == base + 3
+    assert not woke.wait(1.0), "WAIT with a batch of 4 returned after 3 records"
+    _direct_write(dev.path, 3 * 4096)
+    assert woke.wait(10), "WAIT with a batch of 4 slept through the 4th record"
+    c.ack(base + 4)
+
+    # a quarter of the ring (1 MiB) in use wakes it before its batch
+    base = c.state().published
+    woke = _waiter(c, base, 1000)
+    fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 320 << 10)
+        os.pwritev(fd, [buf], 1 << 20)
+    finally:
+        os.close(fd)
+    st = c.state()
+    assert st.published - base < 1000 and st.ring_used >= 256 << 10, st
+    assert woke.wait(10), "WAIT slept with a quarter of the ring in use"
+    assert c.state().mode == "streaming"
+
+
+def test_wait_in_sync_mode_wakes_for_every_record(cleanup, loopdev):
+    dev = make_repl(cleanup, loopdev, "batch1", size_mb=16, features="2 sync_timeout_ms 8000")
+    c = Consumer(dev.path, sync=True)
+    cleanup.add("consumer batch1", c.close)
+    c.start_stream()
+    base = c.state().published
+    woke = _waiter(c, base, 64, then=lambda: c.ack(base + 1))
+    _direct_write(dev.path, 0)  # completes once acknowledged, or after the 8 s timeout
+    assert woke.is_set()
+    st = c.state()
+    assert (st.mode, st.acked) == ("streaming", base + 1), "the sync writer waited for the timeout"
+
+
 def test_sync_write_waits_for_the_acknowledgement(cleanup, loopdev):
     dev = make_repl(cleanup, loopdev, "sync0", size_mb=16)
     replica = loopdev(16)

@@ -241,7 +241,11 @@ def test_pause_resume_sends_only_changed_chunks(cluster):
     st = {t["name"]: t for t in c.status()["targets"]}
     assert st["gamma"]["out_of_sync_bytes"] >= len(chunks) * CHUNK
     assert c.digests()["gamma"] != c.digests()["alpha"]
-    c.repctl("alpha", "resume", "r0", "gamma")
+    # --wait returns once gamma streams again, with no progress bar when not on a terminal
+    out = c.repctl("alpha", "resume", "r0", "gamma", "--wait", "--timeout", "180")
+    assert out.stdout.splitlines() == ["resumed", "r0/gamma: streaming"], out.stdout + out.stderr
+    assert out.stderr == "", out.stderr
+    assert c.states()["gamma"] == "streaming"
     c.wait_converged()
     after = c.tx("gamma")
     sent, packets = after[0] - before[0], after[1] - before[1]

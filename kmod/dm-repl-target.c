@@ -458,6 +458,17 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 	if (!io->is_write || io->ack_done)
 		return DM_ENDIO_DONE;
 
+	/*
+	 * The data device was as fast as the copy worker: if the copy has not
+	 * started, take it back and do it here rather than wait for a wake-up
+	 * (not in interrupt context, where a slow device completes anyway long
+	 * after the copy).
+	 */
+	if (in_task() && READ_ONCE(io->copying) && cancel_work(&io->copy)) {
+		copy_bio_data(io, rc->data + io->data_off);
+		WRITE_ONCE(io->copying, false);
+	}
+
 	spin_lock_irqsave(&rc->lock, flags);
 	if (io->copying) {
 		/* copy_work ends the bio again once its record is complete */

@@ -47,7 +47,9 @@ log = logging.getLogger("repctl.daemon")
 SECTOR = 512
 CLEAN_INTERVAL = 1.0     # seconds between MARK / CLEAN cycles
 RESYNC_RUN = 256         # chunks per RESYNC_CHUNK frame at most (1 MiB at 4 KiB)
-RESYNC_WINDOW = 16 << 20  # resync bytes in flight before waiting for a PONG
+RESYNC_WINDOW = 16 << 20  # resync bytes per PONG barrier (two windows in flight)
+ASYNC_BATCH = 64         # an async link is woken per this many records ...
+ASYNC_WAIT_MS = 20       # ... or after this long (the kernel wakes it sooner if the ring fills)
 RECONNECT_DELAY = 1.0
 LAG_FRACTION = 0.75      # an async target holding more of the ring than this falls behind
 
@@ -277,12 +279,16 @@ class Link:
             if self.conn is conn:
                 self._drop("closed", quiet=True)
 
-    def _ping(self, conn: P.FramedConnection, timeout: float = 60) -> bool:
+    def _send_ping(self, conn: P.FramedConnection) -> threading.Event:
+        """A barrier: the event is set once the target has everything sent before it durable."""
         token = secrets.randbits(63)
         ev = threading.Event()
         self.pongs[token] = ev
         conn.send_message(P.Ping(token, time.monotonic_ns()))
-        return ev.wait(timeout) and self.conn is conn
+        return ev
+
+    def _ping(self, conn: P.FramedConnection, timeout: float = 60) -> bool:
+        return self._send_ping(conn).wait(timeout) and self.conn is conn
 
     def _serve(self, conn: P.FramedConnection) -> None:
         res = self.res
@@ -291,6 +297,9 @@ class Link:
         resync = iter(())
         inflight: list[range] = []
         inflight_bytes = 0
+        # windows sent and pinged, not yet confirmed durable: (pong, runs, bytes)
+        unconfirmed: list[tuple[threading.Event, list[range], int]] = []
+        buf = res.resync_buffer()
         epoch = 0
         while self.conn is conn and not res.stopping.is_set():
             if self.admin != "up":
@@ -305,7 +314,7 @@ class Link:
                 gen, self.pos = self.join_gen, self.join_pos
                 epoch = self.oos.epoch
                 resync = self.oos.runs(RESYNC_RUN)
-                inflight, inflight_bytes = [], 0
+                inflight, inflight_bytes, unconfirmed = [], 0, []
                 pending = self.oos.count()
                 self.sync_total, self.sync_done = pending * res.chunk_bytes, 0
                 self.sync_started = time.monotonic()
@@ -319,20 +328,24 @@ class Link:
             if self.state in ("syncing", "behind"):
                 run = next(resync, None)
                 if run is not None:
-                    data = res.read_chunks(run)
-                    conn.send_message(P.ResyncChunk(run.start, data))
+                    data = res.read_chunks(run, buf)
+                    conn.send_message(P.ResyncChunk(run.start, data))  # sent: buf is free again
                     self.bytes_sent += len(data)
                     inflight.append(run)
                     inflight_bytes += len(data)
                 if inflight and (run is None or inflight_bytes >= RESYNC_WINDOW):
-                    if not self._ping(conn):
-                        return
-                    for r in inflight:
-                        self.oos.clear(r, epoch)
-                    self.sync_done += inflight_bytes
+                    # ping the window and go on sending: the link never idles waiting
+                    unconfirmed.append((self._send_ping(conn), inflight, inflight_bytes))
                     inflight, inflight_bytes = [], 0
+                while unconfirmed and (len(unconfirmed) > 1 or run is None):
+                    pong, runs, nbytes = unconfirmed.pop(0)
+                    if not pong.wait(60) or self.conn is not conn:
+                        return
+                    for r in runs:
+                        self.oos.clear(r, epoch)
+                    self.sync_done += nbytes
                     self.oos.save()
-                if run is None and not inflight:
+                if run is None and not inflight and not unconfirmed:
                     if self.oos.count():
                         # an absorb added chunks meanwhile: another pass
                         resync = self.oos.runs(RESYNC_RUN)
@@ -341,7 +354,10 @@ class Link:
                     conn.send_message(P.ResyncDone(0))
                     self.set_state("streaming", "resync finished")
             if not sent and run is None:
-                res.consumer.wait(max(self.pos - 1, 0), 100)
+                if self.mode is TargetMode.ASYNC:
+                    res.consumer.wait(max(self.pos - 1, 0), ASYNC_WAIT_MS, batch=ASYNC_BATCH)
+                else:
+                    res.consumer.wait(max(self.pos - 1, 0), 100)
 
     def _send_records(self, conn: P.FramedConnection, gen: int) -> int:
         with self.send_lock:
@@ -515,18 +531,21 @@ class SourceResource(_Resource):
             dm.remove_device(self.name)
         self.events.emit(resource=self.name, what="down")
 
-    def read_chunks(self, run: range) -> bytes:
-        """The chunks' current content, read past the page cache."""
+    def resync_buffer(self) -> mmap.mmap:
+        """A buffer for read_chunks, for one link: page-aligned, as O_DIRECT needs."""
+        return mmap.mmap(-1, RESYNC_RUN * self.chunk_bytes)
+
+    def read_chunks(self, run: range, buf: mmap.mmap | None = None) -> memoryview:
+        """The chunks' current content, read past the page cache into buf (valid until its next use)."""
         off = run.start * self.chunk_bytes
         length = min(len(run) * self.chunk_bytes, self.size - off)
-        buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))  # page-aligned, as O_DIRECT needs
-        try:
-            got = os.preadv(self.read_fd, [memoryview(buf)[:length]], off)
-            if got != length:
-                raise ReplError(f"{self.dev_path}: short read at {off}")
-            return buf[:length]
-        finally:
-            buf.close()
+        if buf is None or len(buf) < length:
+            buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))
+        view = memoryview(buf)[:length]
+        got = os.preadv(self.read_fd, [view], off)
+        if got != length:
+            raise ReplError(f"{self.dev_path}: short read at {off}")
+        return view
 
     # -- joining the stream (engine thread) ------------------------------
     def join(self, link: Link) -> None:

@@ -4,8 +4,13 @@
 # The dm-repl benchmark. Runs INSIDE the test VM (tests/vm/guest-run.sh bench, started by
 # `make bench` or `.venv/bin/python tests/vmrun.py --bench [-- ARGS]`), after dm-mod and
 # kmod/dm-repl.ko are loaded. It loads brd (six 256 MiB RAM disks) and runs
-# bench/target_bench.py ARGS with the project's virtualenv: repl against dm-linear on
-# /dev/ram0 (metadata on /dev/ram1). See docs/benchmarks.md.
+# with the project's virtualenv, in one run:
+#   bench/target_bench.py ARGS   the repl target against dm-linear on /dev/ram0 (metadata on
+#                                /dev/ram1), docs/benchmarks.md
+#   bench/replicate_bench.py     a source and a target daemon in two network namespaces:
+#                                initial sync against a raw socket copy, streaming against
+#                                dm-linear (ram0-ram3), docs/benchmarks-replication.md
+# A first argument --target-only or --replicate-only runs one of the two.
 #
 # Exit status: non-zero when something failed (a device, fio, the consumer). A missed
 # performance aim is printed as MISSED but is not a failure.
@@ -17,6 +22,12 @@ if ! grep -qw 'repctl_vm=1' /proc/cmdline 2>/dev/null; then
          "kernel command line). Use make bench." >&2
     exit 2
 fi
+
+which=both
+case "${1:-}" in
+    --target-only) which=target; shift ;;
+    --replicate-only) which=replicate; shift ;;
+esac
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo" || exit 2
@@ -47,8 +58,15 @@ for d in /dev/ram0 /dev/ram1; do
     [ -b "$d" ] || { echo "bench/run.sh: $d did not appear after modprobe brd" >&2; exit 1; }
 done
 
-"$py" bench/target_bench.py "$@"
-rc=$?
+rc=0
+if [ "$which" != replicate ]; then
+    "$py" bench/target_bench.py "$@" || rc=$?
+fi
+if [ "$which" != target ]; then
+    results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/replicate
+    mkdir -p "$results"
+    "$py" bench/replicate_bench.py --results "$results" || rc=$?
+fi
 
 # Free the RAM disks (the devices on them are gone); not being able to is not a failure.
 rmmod brd 2>/dev/null || echo "== bench: brd stays loaded (busy)"

@@ -50,6 +50,8 @@ RESYNC_RUN = 256         # chunks per RESYNC_CHUNK frame at most (1 MiB at 4 KiB
 RESYNC_WINDOW = 16 << 20  # resync bytes per PONG barrier (two windows in flight)
 ASYNC_BATCH = 64         # an async link is woken per this many records ...
 ASYNC_WAIT_MS = 20       # ... or after this long (the kernel wakes it sooner if the ring fills)
+ASYNC_NICE = 10          # CPU priority of an async link's thread: the applications come first
+FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
 RECONNECT_DELAY = 1.0
 LAG_FRACTION = 0.75      # an async target holding more of the ring than this falls behind
 
@@ -249,6 +251,12 @@ class Link:
                 ev.set()
 
     def _run(self) -> None:
+        if self.mode is TargetMode.ASYNC:
+            # P4: an async target never slows the primary, nor does the CPU that feeds it
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ASYNC_NICE)
+            except OSError as e:
+                log.warning("%s/%s: cannot lower the link's CPU priority: %s", self.res.name, self.name, e)
         while not self.res.stopping.is_set():
             if self.admin != "up":
                 self.set_state(self.admin if self.admin in STATES else "disconnected")
@@ -864,14 +872,17 @@ class TargetResource(_Resource):
         self._set_state("streaming", f"source {info.node} connected")
         chunk = self.cfg.chunk_size
         applied = acked = self.last_seq
-        dirty = False
+        # a sync source's writers wait for durable acks: flush per FLUSH_BYTES of records
+        sync = self.cfg.targets[self.node].mode is TargetMode.SYNC
+        dirty = 0  # bytes of records written since the last flush (1 per write when async)
         last_flush = last_ack = time.monotonic()
         while not self.stopping.is_set():
             now = time.monotonic()
-            if dirty and (not _readable(sock) or now - last_flush > 0.2):
-                # idle, or a busy stream every 200 ms: make it durable, say so
+            if dirty and (dirty >= FLUSH_BYTES or now - last_flush > 0.2 or not _readable(sock)):
+                # idle, or a busy stream every MiB or 200 ms: make it durable, say so (a sync
+                # source's writers wait for this; per MiB keeps several of them in flight)
                 store.flush()
-                dirty = False
+                dirty = 0
                 last_flush = last_ack = now
                 acked = applied
                 conn.send_message(P.Ack(applied, durable=True))
@@ -888,7 +899,7 @@ class TargetResource(_Resource):
                             bool(msg.flags & P.RecordFlags.FUA))
                 self.bytes_received += msg.length if msg.op is P.RecordOp.WRITE else 0
                 applied = self.last_seq = msg.ring_seq
-                dirty = True
+                dirty += msg.length if sync else 1
             elif isinstance(msg, P.ResyncChunk):
                 off = msg.chunk * chunk
                 data = memoryview(msg.data)
@@ -900,7 +911,7 @@ class TargetResource(_Resource):
                     self._set_state("syncing", "resync started")
                 store.write(off, data)
                 self.bytes_received += data.nbytes
-                dirty = True
+                dirty += 1  # a resync's durability comes with the PONGs
             elif isinstance(msg, P.ResyncDone):
                 store.flush()
                 self.saved.update(consistent=True, current=source_gen.current,
@@ -909,11 +920,11 @@ class TargetResource(_Resource):
                 self._set_state("streaming", "resync finished: consistent")
             elif isinstance(msg, P.Ping):
                 store.flush()
-                dirty = False
+                dirty = 0
                 conn.send_message(P.Pong(msg.token, msg.time_ns))
             elif isinstance(msg, P.Pause):
                 store.flush()
-                dirty = False
+                dirty = 0
                 conn.send_message(P.Ack(applied, durable=True))
                 self._set_state("paused", "paused by the source")
             elif isinstance(msg, P.CsumRequest):

@@ -360,8 +360,6 @@ def test_refused_peers_write_nothing(cluster):
     c.repctl("alpha", "connect", "r0", "gamma")
     c.wait_converged()
 
-@pytest.mark.xfail(strict=False, reason="failed before the O_DIRECT resync-read and OOS-save fixes "
-                   "(196c5a4); not yet seen passing after them: see the issue note")
 def test_smaller_target_is_refused(cluster, loopdev):
     c = cluster
     small = loopdev(SIZE_MB // 2)

@@ -745,6 +745,11 @@ class SourceResource(_Resource):
                 link.cond.wait(0.1)
         link._ping(conn)
         algo = P.DigestAlgorithm.BLAKE2B_256
+        while True:  # a reply that came after an earlier verify gave up is not ours
+            try:
+                link.csum_replies.get_nowait()
+            except queue.Empty:
+                break
         differing: set[int] = set()
         chunk_list = list(chunks)
         step = 4096
@@ -756,10 +761,11 @@ class SourceResource(_Resource):
                    and chunk_list[i + count] == first + count):
                 count += 1
             conn.send_message(P.CsumRequest(first, count, algo))
-            try:
-                reply = link.csum_replies.get(timeout=60)
-            except queue.Empty:
-                raise ReplError(f"{self.name}/{link.name}: no checksum reply within 60 s") from None
+            reply = self._csum_reply(link, first, algo)
+            if len(reply.digests) != count:
+                # fewer digests would leave chunks uncompared: never "identical" by omission
+                raise ReplError(f"{self.name}/{link.name}: checksum reply for chunks {first}+{count} "
+                                f"has {len(reply.digests)} digests")
             local = self.read_chunks(range(first, first + count))
             before = len(differing)
             for k, digest in enumerate(reply.digests):
@@ -770,6 +776,18 @@ class SourceResource(_Resource):
             if progress is not None:
                 progress.advance(count, len(differing) - before)
         return differing
+
+    def _csum_reply(self, link: Link, first: int, algo: P.DigestAlgorithm) -> P.CsumReply:
+        """The reply to our CSUM_REQUEST for `first`; stale replies (an earlier verify's) are dropped."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reply = link.csum_replies.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise ReplError(f"{self.name}/{link.name}: no checksum reply within 60 s") from None
+            if reply.first == first and reply.algorithm is algo:
+                return reply
+            log.info("%s/%s: dropped a stale checksum reply (chunk %d)", self.name, link.name, reply.first)
 
 
 # ------------------------------------------------------------------ target side

@@ -157,12 +157,52 @@ def test_a_failed_verify_leaves_no_progress_behind(
 ) -> None:
     res, _ = source
 
-    def broken(run: range) -> bytes:
+    def broken(run: range, buf: Any = None) -> bytes:
         raise ReplError("/dev/mapper/r0: short read at 0")
 
     monkeypatch.setattr(res, "read_chunks", broken)
     target = res.link("beta").conn
     threading.Thread(target=lambda: target.allow.put(None), daemon=True).start()
     with pytest.raises(ReplError, match="short read"):
+        res.verify("beta")
+    assert verify_of(res) is None
+
+
+def test_a_stale_checksum_reply_is_not_taken_for_ours(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, target = source
+    link = res.link("beta")
+    # an earlier verify gave up waiting; its reply ("all of 0..4095 identical") came later
+    link.csum_replies.put(P.CsumReply(0, (target.zero,) * 4096, P.DigestAlgorithm.BLAKE2B_256))
+    # and one arrives during this verify, for chunks nobody asked for now
+    orig = target.send_message
+
+    def with_stale(msg: Any) -> None:
+        if isinstance(msg, P.CsumRequest) and msg.first == 4096:
+            link.csum_replies.put(P.CsumReply(7, (target.zero,), P.DigestAlgorithm.BLAKE2B_256))
+        orig(msg)
+
+    target.send_message = with_stale  # type: ignore[method-assign]
+    for _ in range(3 + len(BAD)):
+        target.allow.put(None)
+    result = res.verify("beta")
+    assert result["differing"] == sorted(BAD)
+
+
+def test_a_short_checksum_reply_fails_the_verify(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, target = source
+    link = res.link("beta")
+
+    def short(msg: Any) -> None:
+        if isinstance(msg, P.Ping):
+            link.pongs.pop(msg.token).set()
+        elif isinstance(msg, P.CsumRequest):  # one digest fewer than asked: chunk 4095 unchecked
+            link.csum_replies.put(P.CsumReply(msg.first, (target.zero,) * (msg.count - 1), msg.algorithm))
+
+    target.send_message = short  # type: ignore[method-assign]
+    with pytest.raises(ReplError, match=r"checksum reply for chunks 0\+4096 has 4095 digests"):
         res.verify("beta")
     assert verify_of(res) is None

@@ -910,6 +910,27 @@ class Bench:
         self.out["phases"][tag] = r
         return r
 
+    def linear_fio(self, tag: str) -> dict[str, Any]:
+        """The streaming fio job on dm-linear over DATA (no repl device may hold it)."""
+        from repctl import dm
+
+        sectors = self.size // 512
+        dm.create_device(LINEAR, [dm.Target(0, sectors, "linear", f"{DATA} 0")])
+        try:
+            f = fio(f"/dev/mapper/{LINEAR}", self.args.runtime, self.results, tag)
+        finally:
+            dm.remove_device(LINEAR, retries=50)
+        say(f"{tag}: {f['mib_s']:.1f} MiB/s (mean latency {f['lat_ms_mean']:.2f} ms; fio CPU "
+            f"{f['cpu_s']:.1f} s)")
+        self.out["phases"][tag] = f
+        return f
+
+    def linear_first(self) -> None:
+        """A first dm-linear sample, minutes before the second: the baseline is their mean."""
+        say(f"linear0: dm-linear over {DATA} before anything is replicated (the first of two "
+            "baseline samples)")
+        self.linear_fio("linear0")
+
     def linear(self) -> None:
         from repctl import dm
 
@@ -918,21 +939,13 @@ class Bench:
         say(f"linear: stopping the daemons, removing r0, dm-linear over the same {DATA}")
         c.stop_all()
         dm.remove_device(RES, retries=50)
-        sectors = self.size // 512
-        dm.create_device(LINEAR, [dm.Target(0, sectors, "linear", f"{DATA} 0")])
-        try:
-            f = fio(f"/dev/mapper/{LINEAR}", self.args.runtime, self.results, "linear")
-        finally:
-            dm.remove_device(LINEAR, retries=50)
-        say(f"linear: {f['mib_s']:.1f} MiB/s (mean latency {f['lat_ms_mean']:.2f} ms; fio CPU "
-            f"{f['cpu_s']:.1f} s)")
+        f = self.linear_fio("linear")
         # the writes through dm-linear bypassed the repl target: put ram0 back as the replica
         # has it (verified identical before), so that the next phase needs no resync
         t0 = time.monotonic()
         sh("dd", f"if={TDATA}", f"of={DATA}", "bs=4M", "iflag=direct", "oflag=direct",
            "status=none", timeout=900)
         f["restore_s"] = time.monotonic() - t0
-        self.out["phases"]["linear"] = f
 
     def restart_sync_mode(self) -> None:
         c = self.cluster
@@ -959,7 +972,8 @@ class Bench:
         ph = self.out["phases"]
         raws = [ph[k]["mib_s"] for k in ("raw1", "raw2") if k in ph]
         raw = sum(raws) / len(raws)
-        lin = ph["linear"]["mib_s"]
+        lins = [ph[k]["mib_s"] for k in ("linear0", "linear") if k in ph]
+        lin = sum(lins) / len(lins)
         rows = [
             ("initial sync", "raw socket copy", raw, ph["initial_sync"]["mib_s"],
              AIMS["initial_sync"]),
@@ -987,6 +1001,10 @@ class Bench:
         spread = (max(raws) / min(raws) - 1) if len(raws) > 1 else 0.0
         lines.append(f"raw copy: {', '.join(f'{x:.1f}' for x in raws)} MiB/s before and after "
                      f"the initial sync (baseline: their mean; spread {spread * 100:.0f}%)")
+        lspread = (max(lins) / min(lins) - 1) if len(lins) > 1 else 0.0
+        lines.append(f"dm-linear: {', '.join(f'{x:.1f}' for x in lins)} MiB/s before the initial "
+                     f"sync and after the async runs (baseline: their mean; spread "
+                     f"{lspread * 100:.0f}%)")
         mib = self.size / MiB
         raw_c = [ph[k]["client"]["cpu_s"] / mib for k in ("raw1", "raw2") if k in ph]
         raw_s = [ph[k]["server"]["cpu_s"] / mib for k in ("raw1", "raw2") if k in ph]
@@ -1003,6 +1021,9 @@ class Bench:
             "raw_client": sum(raw_c) / len(raw_c) * 1000, "raw_server": sum(raw_s) / len(raw_s) * 1000,
             "sync_alpha": sc.get("alpha_cpu_s", 0) / mib * 1000,
             "sync_beta": sc.get("beta_cpu_s", 0) / mib * 1000}
+        if lspread > 0.25:
+            self.note(f"the two dm-linear samples differ by {lspread * 100:.0f}%: the streaming "
+                      "ratios are uncertain by as much")
         if spread > 0.25:
             self.note(f"the two raw copies differ by {spread * 100:.0f}%: the shared host "
                       "drifted; the initial sync ratio is uncertain by as much")
@@ -1030,6 +1051,7 @@ class Bench:
             self.out["calibration"] = cal = calibrate()
             say("in-memory speeds here: " + ", ".join(f"{k[:-5]} {v:.0f} MB/s"
                                                      for k, v in cal.items()))
+            self.linear_first()
             self.raw_copy("raw1", TDATA, verify=True)
             zero_device(TDATA)  # the initial sync must find nothing there
             self.initial_sync()

@@ -214,6 +214,66 @@ def test_wait_in_sync_mode_wakes_for_every_record(cleanup, loopdev):
     assert (st.mode, st.acked) == ("streaming", base + 1), "the sync writer waited for the timeout"
 
 
+def _thp_buffer(size: int) -> tuple[mmap.mmap, memoryview]:
+    """A buffer of `size` bytes on transparent huge pages, so that an O_DIRECT write of it
+    becomes bios of several MiB (each 2 MiB page is one segment)."""
+    import ctypes
+
+    huge = 2 << 20
+    m = mmap.mmap(-1, size + huge)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    off = -addr % huge
+    m.madvise(mmap.MADV_HUGEPAGE, off, size)
+    view = memoryview(m)[off:off + size]
+    for i in range(0, size, 4096):  # fault it in, a pattern that shows misplaced data
+        view[i:i + 4096] = (i // 4096).to_bytes(4, "little") * 1024
+    return m, view
+
+
+def _anon_huge_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_large_write_is_cut_into_records_of_at_most_1mib(cleanup, loopdev):
+    # dm maps every piece of the write at once, so the ring must hold all of it
+    dev = make_repl(cleanup, loopdev, "big0", size_mb=32, features="2 ring_mb 16")
+    c = Consumer(dev.path)
+    cleanup.add("consumer big0", c.close)
+    c.start_stream()
+    base = c.state().published
+    size = 8 << 20
+    m, view = _thp_buffer(size)
+    if _anon_huge_kb() < 2048:
+        pytest.skip("no transparent huge page for the buffer: the bios would be 1 MiB anyway")
+    fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        records, got, sector = [], bytearray(), 2048  # written at 1 MiB
+        done = 0
+        write = threading.Thread(target=lambda: os.pwritev(fd, [view], 1 << 20))
+        write.start()
+        while len(got) < size:
+            st = c.state()
+            assert st.mode == "streaming", (st.mode, st.reason)
+            for r in c.records(st):
+                records.append((r.op, r.sector, r.length))
+                assert (r.op, r.sector) == ("write", sector), records
+                got += r.data
+                sector += r.length // 512
+                done = r.seq
+            if done:
+                c.ack(done)
+            c.wait(c.state().published, 100)
+        write.join(30)
+    finally:
+        os.close(fd)
+    assert max(length for _, _, length in records) == 1 << 20, records
+    assert len(records) == 8, records
+    assert bytes(got) == bytes(view), "the records' data is not the write's, in order"
+    del view
+    m.close()
+
+
 def test_sync_write_waits_for_the_acknowledgement(cleanup, loopdev):
     dev = make_repl(cleanup, loopdev, "sync0", size_mb=16)
     replica = loopdev(16)

@@ -100,6 +100,12 @@ int repl_ring_reserve(struct repl_c *rc, u64 seq, u32 len, u64 *off)
 	return 0;
 }
 
+/* rc->lock held: wake waiters before their batch (sync writers wait; ring filling)? */
+static bool wake_early(struct repl_c *rc)
+{
+	return (rc->flags & REPL_F_SYNC) || repl_ring_used(rc) >= rc->data_bytes / 4;
+}
+
 /*
  * rc->lock held, published just moved: wake the waiters?  Each waiter
  * registers the published value it waits for in wake_at (reached); a wake
@@ -107,16 +113,15 @@ int repl_ring_reserve(struct repl_c *rc, u64 seq, u32 len, u64 *off)
  */
 bool repl_should_wake(struct repl_c *rc)
 {
-	if (rc->published < rc->wake_at && !(rc->flags & REPL_F_SYNC) &&
-	    repl_ring_used(rc) < rc->data_bytes / 4)
+	if (rc->published < rc->wake_at && !wake_early(rc))
 		return false;
 	rc->wake_at = U64_MAX;
 	return true;
 }
 
 /*
- * The condition of a wait for published >= target, which repl_should_wake's
- * early wake-ups end once published >= first: registers the waiter.
+ * The condition of a wait for published >= target, which an early wake-up
+ * ends once published >= first: registers the waiter.
  */
 static bool reached(struct repl_c *rc, u64 first, u64 target)
 {
@@ -124,8 +129,7 @@ static bool reached(struct repl_c *rc, u64 first, u64 target)
 
 	spin_lock_irq(&rc->lock);
 	r = rc->published >= target || rc->dead ||
-	    (rc->published >= first && ((rc->flags & REPL_F_SYNC) ||
-					repl_ring_used(rc) >= rc->data_bytes / 4));
+	    (rc->published >= first && wake_early(rc));
 	if (!r)
 		rc->wake_at = min(rc->wake_at, target);
 	spin_unlock_irq(&rc->lock);

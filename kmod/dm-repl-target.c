@@ -256,9 +256,13 @@ static bool mark_dirty(struct repl_c *rc, struct repl_io *io)
 	return wait;
 }
 
-/* The data as mapped: the data device may advance bio->bi_iter meanwhile. */
-static void copy_bio_data(struct repl_io *io, u8 *dst)
+/*
+ * Copy the write's data into its ring space, as mapped: the data device may
+ * advance bio->bi_iter meanwhile.
+ */
+static void copy_bio_data(struct repl_c *rc, struct repl_io *io)
 {
+	u8 *dst = rc->data + io->data_off;
 	struct bvec_iter iter;
 	struct bio_vec bv;
 
@@ -280,7 +284,7 @@ static void copy_work(struct work_struct *ws)
 	unsigned long flags;
 	bool done;
 
-	copy_bio_data(io, rc->data + io->data_off);
+	copy_bio_data(rc, io);
 	spin_lock_irqsave(&rc->lock, flags);
 	io->copying = false;
 	done = io->write_done;
@@ -326,7 +330,7 @@ static void fill_record(struct repl_c *rc, struct repl_io *io, struct bio *bio,
 	io->iter = bio->bi_iter;
 	io->data_off = off;
 	if (data_len < REPL_COPY_OFFLOAD_BYTES) {
-		copy_bio_data(io, rc->data + off);
+		copy_bio_data(rc, io);
 		return;
 	}
 	io->copying = true;	/* before the data device can complete it */
@@ -473,7 +477,7 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 	 * after the copy).
 	 */
 	if (in_task() && READ_ONCE(io->copying) && cancel_work(&io->copy)) {
-		copy_bio_data(io, rc->data + io->data_off);
+		copy_bio_data(rc, io);
 		WRITE_ONCE(io->copying, false);
 	}
 

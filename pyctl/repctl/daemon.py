@@ -892,15 +892,17 @@ class TargetResource(_Resource):
         applied = acked = self.last_seq
         # a sync source's writers wait for durable acks: flush per FLUSH_BYTES of records
         sync = self.cfg.targets[self.node].mode is TargetMode.SYNC
-        dirty = 0  # bytes of records written since the last flush (1 per write when async)
+        dirty = False
+        record_bytes = 0  # of records written since the last flush
         last_flush = last_ack = time.monotonic()
         while not self.stopping.is_set():
             now = time.monotonic()
-            if dirty and (dirty >= FLUSH_BYTES or now - last_flush > 0.2 or not _readable(sock)):
+            if dirty and ((sync and record_bytes >= FLUSH_BYTES) or now - last_flush > 0.2
+                          or not _readable(sock)):
                 # idle, or a busy stream every MiB or 200 ms: make it durable, say so (a sync
                 # source's writers wait for this; per MiB keeps several of them in flight)
                 store.flush()
-                dirty = 0
+                dirty, record_bytes = False, 0
                 last_flush = last_ack = now
                 acked = applied
                 conn.send_message(P.Ack(applied, durable=True))
@@ -917,7 +919,8 @@ class TargetResource(_Resource):
                             bool(msg.flags & P.RecordFlags.FUA))
                 self.bytes_received += msg.length if msg.op is P.RecordOp.WRITE else 0
                 applied = self.last_seq = msg.ring_seq
-                dirty += msg.length if sync else 1
+                dirty = True
+                record_bytes += msg.length
             elif isinstance(msg, P.ResyncChunk):
                 off = msg.chunk * chunk
                 data = memoryview(msg.data)
@@ -929,7 +932,7 @@ class TargetResource(_Resource):
                     self._set_state("syncing", "resync started")
                 store.write(off, data)
                 self.bytes_received += data.nbytes
-                dirty += 1  # a resync's durability comes with the PONGs
+                dirty = True  # a resync's durability comes with the PONGs
             elif isinstance(msg, P.ResyncDone):
                 store.flush()
                 self.saved.update(consistent=True, current=source_gen.current,
@@ -938,11 +941,11 @@ class TargetResource(_Resource):
                 self._set_state("streaming", "resync finished: consistent")
             elif isinstance(msg, P.Ping):
                 store.flush()
-                dirty = 0
+                dirty, record_bytes = False, 0
                 conn.send_message(P.Pong(msg.token, msg.time_ns))
             elif isinstance(msg, P.Pause):
                 store.flush()
-                dirty = 0
+                dirty, record_bytes = False, 0
                 conn.send_message(P.Ack(applied, durable=True))
                 self._set_state("paused", "paused by the source")
             elif isinstance(msg, P.CsumRequest):

@@ -35,11 +35,9 @@ STOPPED = ("paused", "disconnected")
 
 def find_target(status: Status, resource: str, target: str) -> Mapping[str, Any] | None:
     """The entry of `target` of `resource` in the status document, or None."""
-    for res in status.get("resources") or []:
-        if res.get("name") == resource:
-            for t in res.get("targets") or []:
-                if t.get("name") == target:
-                    return t
+    for t in _targets_of(status, resource) or []:
+        if t.get("name") == target:
+            return t
     return None
 
 

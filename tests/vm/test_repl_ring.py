@@ -156,6 +156,14 @@ def _direct_write(path: str, offset: int, byte: bytes = b"s") -> float:
         os.close(fd)
 
 
+def _streaming(cleanup, dev, sync: bool = False) -> tuple[Consumer, int]:
+    """A consumer attached to dev and streaming, closed at cleanup; and its first published."""
+    c = Consumer(dev.path, sync=sync)
+    cleanup.add(f"consumer {dev.path}", c.close)
+    c.start_stream()
+    return c, c.state().published
+
+
 def _waiter(c: Consumer, after: int, batch: int, then=None) -> threading.Event:
     """WAIT in a thread (20 s timeout); the event is set when it returns."""
     woke = threading.Event()
@@ -173,10 +181,7 @@ def _waiter(c: Consumer, after: int, batch: int, then=None) -> threading.Event:
 
 def test_wait_wakes_once_per_batch(cleanup, loopdev):
     dev = make_repl(cleanup, loopdev, "batch0", size_mb=16, features="2 ring_mb 1")
-    c = Consumer(dev.path)
-    cleanup.add("consumer batch0", c.close)
-    c.start_stream()
-    base = c.state().published
+    c, base = _streaming(cleanup, dev)
     woke = _waiter(c, base, 4)
     for i in range(3):
         _direct_write(dev.path, i * 4096)
@@ -203,10 +208,7 @@ def test_wait_wakes_once_per_batch(cleanup, loopdev):
 
 def test_wait_in_sync_mode_wakes_for_every_record(cleanup, loopdev):
     dev = make_repl(cleanup, loopdev, "batch1", size_mb=16, features="2 sync_timeout_ms 8000")
-    c = Consumer(dev.path, sync=True)
-    cleanup.add("consumer batch1", c.close)
-    c.start_stream()
-    base = c.state().published
+    c, base = _streaming(cleanup, dev, sync=True)
     woke = _waiter(c, base, 64, then=lambda: c.ack(base + 1))
     _direct_write(dev.path, 0)  # completes once acknowledged, or after the 8 s timeout
     assert woke.is_set()
@@ -248,10 +250,7 @@ def test_large_write_is_cut_into_records_of_at_most_1mib(cleanup, loopdev):
     """A write of several MiB in one bio reaches the ring as records of at most 1 MiB."""
     # dm maps every piece of the write at once, so the ring must hold all of it
     dev = make_repl(cleanup, loopdev, "big0", size_mb=32, features="2 ring_mb 16")
-    c = Consumer(dev.path)
-    cleanup.add("consumer big0", c.close)
-    c.start_stream()
-    base = c.state().published
+    c, base = _streaming(cleanup, dev)
     size = 8 << 20
     m, view = _thp_buffer(size)
     import ctypes

@@ -15,11 +15,17 @@ Every frame is a fixed little-endian header followed by ``length`` payload bytes
          0    4 magic     b"RPL1" (0x314c5052 read as u32 LE)
          4    2 version   PROTOCOL_VERSION of the sender
          6    2 type      a FrameType
-         8    4 flags     none defined in version 1: must be 0
+         8    4 flags     FLAG_MAC on every frame after the handshake, else 0
         12    4 length    payload bytes that follow the header (at most MAX_PAYLOAD)
         16    8 seq       per-connection, per-direction frame number: 1, 2, 3, ...
-        24    4 crc       zlib.crc32 of the header with this field zero, then of the payload
+        24    4 crc       zlib.crc32 of the header with this field zero, then of the payload;
+                          0 in a frame with FLAG_MAC, whose tag protects it instead
         28    4 reserved  must be 0
+
+A frame with FLAG_MAC is followed by a 16-byte Poly1305 tag over its header and payload, under a
+per-frame key derived from the session's key for that direction (repctl.mac): from the WELCOME on,
+nothing that the peer did not send is accepted, and the strict sequence numbers refuse replayed,
+dropped and reordered frames.
 
 Performance: `FramedConnection.send` takes the payload as several buffers and hands them to
 ``socket.sendmsg`` with the header, so a WRITE's data (a memoryview of the kernel ring) is never
@@ -47,6 +53,7 @@ from enum import IntEnum, IntFlag
 from typing import ClassVar, NamedTuple, NoReturn, TypeAlias
 
 from repctl.errors import AuthError, ConnectionClosed, HandshakeRefused, ProtocolError
+from repctl.mac import TAG_SIZE, FrameMac
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -63,11 +70,15 @@ MAX_DATA = 16 * 1024 * 1024  # the largest WRITE or RESYNC_CHUNK data
 RECORD = struct.Struct("<QQIHH")  # ring seq, sector, length, op, flags: the head of kmod's repl_rec
 MAX_PAYLOAD = MAX_DATA + RECORD.size
 MAX_TEXT = 1024  # bytes of UTF-8 in REFUSE and ERROR texts
+# The largest frame before authentication: a REFUSE with its text (a HELLO needs at most 856).
+MAX_HANDSHAKE_PAYLOAD = 2 + MAX_TEXT
+FLAG_MAC = 0x1  # header flag: a 16-byte tag follows the payload (docs/protocol.md)
+SESSION_LABEL = b"repl-session-v1"
 NONCE_SIZE = 32
 MAC_SIZE = 32  # HMAC-SHA256
 MAX_HISTORY = 4  # generation identifiers kept in HELLO's history
 AUTH_LABEL = b"repl-auth-v1"
-HANDSHAKE_TIMEOUT = 10.0  # seconds to wait for each frame of the handshake
+HANDSHAKE_TIMEOUT = 10.0  # seconds for the whole handshake, however the peer trickles its bytes
 REFUSE_LINGER = 2.0  # seconds a refusing side waits for the peer to read its REFUSE and close
 
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
@@ -215,9 +226,15 @@ def _bytes_view(part: Buffer) -> memoryview:
 
 
 def encode_frame(
-    frame_type: int, seq: int, parts: Sequence[Buffer], *, version: int = PROTOCOL_VERSION
+    frame_type: int,
+    seq: int,
+    parts: Sequence[Buffer],
+    *,
+    version: int = PROTOCOL_VERSION,
+    mac: FrameMac | None = None,
 ) -> list[memoryview]:
-    """The buffers of one frame: its 32-byte header, then `parts` unchanged (not copied).
+    """The buffers of one frame: its 32-byte header, then `parts` unchanged (not copied), then,
+    with `mac`, the frame's tag (FLAG_MAC set, crc 0).
 
     Raises ValueError if the payload exceeds MAX_PAYLOAD.
     """
@@ -225,12 +242,15 @@ def encode_frame(
     length = sum(v.nbytes for v in views)
     if length > MAX_PAYLOAD:
         raise ValueError(f"payload of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
-    header = bytearray(HEADER.pack(MAGIC, version, frame_type, 0, length, seq, 0, 0))
+    flags = FLAG_MAC if mac is not None else 0
+    header = memoryview(bytearray(HEADER.pack(MAGIC, version, frame_type, flags, length, seq, 0, 0)))
+    if mac is not None:
+        return [header, *views, memoryview(mac.tag(seq, [header, *views]))]
     crc = zlib.crc32(header)
     for v in views:
         crc = zlib.crc32(v, crc)
     struct.pack_into("<I", header, _CRC_OFFSET, crc)
-    return [memoryview(header), *views]
+    return [header, *views]
 
 
 def _frame_name(frame_type: int) -> str:
@@ -244,9 +264,13 @@ class FramedConnection:
     """Frames over a connected stream socket, validated on receipt.
 
     Each direction numbers its frames 1, 2, 3, ...; `recv` raises ProtocolError on a bad magic,
-    version, type, flags, length, crc or sequence, and on a truncated frame. After a ProtocolError,
-    or an OSError or timeout in the middle of a frame, the connection is unusable: close it. A
-    timeout while waiting for the first byte of a frame leaves it usable.
+    version, type, flags, length, crc, tag or sequence, and on a truncated frame. After a
+    ProtocolError, or an OSError or timeout in the middle of a frame, the connection is unusable:
+    close it. A timeout while waiting for the first byte of a frame leaves it usable.
+
+    The handshake turns on frame authentication (`authenticate`): from then on every frame sent
+    carries a tag, and a received frame without a valid one is a ProtocolError. `deadline` (a
+    time.monotonic() value) bounds every receive, however slowly the peer sends.
 
     `send` may be called from several threads (it holds a lock); `recv` from one thread at a time.
     """
@@ -263,6 +287,22 @@ class FramedConnection:
         self._started = False  # some bytes of the frame being received were read
         self._send_broken: str | None = None
         self._sendmsg = not isinstance(sock, ssl.SSLSocket)  # SSL sockets have no sendmsg
+        self._send_mac: FrameMac | None = None
+        self._recv_mac: FrameMac | None = None
+        self._tag = bytearray(TAG_SIZE)
+        self.deadline: float | None = None
+        self.plain_refuse_ok = False  # the handshake accepts a REFUSE without a tag
+
+    def authenticate(self, send_key: bytes, recv_key: bytes) -> None:
+        """Tag every frame sent from now on with `send_key`'s MAC; require `recv_key`'s on every
+        frame received."""
+        with self._send_lock:
+            self._send_mac = FrameMac(send_key)
+        self._recv_mac = FrameMac(recv_key)
+
+    @property
+    def authenticated(self) -> bool:
+        return self._recv_mac is not None
 
     # ---- sending
 
@@ -292,7 +332,7 @@ class FramedConnection:
             views: list[memoryview] = []
             for frame_type, parts in frames:
                 seq += 1
-                views += encode_frame(frame_type, seq, parts)
+                views += encode_frame(frame_type, seq, parts, mac=self._send_mac)
             try:
                 self._sendall(views)
             except BaseException as exc:
@@ -346,6 +386,11 @@ class FramedConnection:
         got = 0
         need = view.nbytes
         while got < need:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"deadline passed with {got} of {need} {what} bytes read")
+                self.sock.settimeout(left)
             n = self.sock.recv_into(view[got:], need - got)
             if n == 0:
                 if got == 0 and what == "header":
@@ -370,16 +415,47 @@ class FramedConnection:
                 f"frame length {header.length} exceeds the maximum {self.max_payload} "
                 f"(frame {header.seq}, type {_frame_name(header.type)})"
             )
+        if header.flags & ~FLAG_MAC or header.reserved:
+            raise ProtocolError(
+                f"frame {header.seq} has unknown header flags {header.flags:#x} or a non-zero "
+                f"reserved field {header.reserved:#x}"
+            )
+        tagged = bool(header.flags & FLAG_MAC)
+        if tagged and self._recv_mac is None:
+            raise ProtocolError(f"frame {header.seq} carries a MAC before the handshake set a key")
+        if (
+            not tagged
+            and self._recv_mac is not None
+            and not (self.plain_refuse_ok and header.type == FrameType.REFUSE)
+        ):
+            raise ProtocolError(
+                f"frame {header.seq} ({_frame_name(header.type)}) carries no MAC: only "
+                "authenticated frames are accepted after the handshake"
+            )
         payload = self._payload_view(header.length, buffer)
         self._read(payload, "payload")
 
-        struct.pack_into("<I", self._header, _CRC_OFFSET, 0)
-        crc = zlib.crc32(payload, zlib.crc32(self._header))
-        if crc != header.crc:
-            raise ProtocolError(
-                f"bad crc in frame {header.seq} ({_frame_name(header.type)}, "
-                f"{header.length} bytes): header says {header.crc:#010x}, content gives {crc:#010x}"
-            )
+        if tagged:
+            assert self._recv_mac is not None
+            tag = memoryview(self._tag)
+            self._read(tag, "tag")
+            if header.crc:
+                raise ProtocolError(f"frame {header.seq} has both a MAC and a crc")
+            want = self._recv_mac.tag(header.seq, [memoryview(self._header), payload])
+            if not hmac.compare_digest(want, tag):
+                raise ProtocolError(
+                    f"bad MAC in frame {header.seq} ({_frame_name(header.type)}, "
+                    f"{header.length} bytes): forged, replayed or corrupted on the way"
+                )
+        else:
+            struct.pack_into("<I", self._header, _CRC_OFFSET, 0)
+            crc = zlib.crc32(payload, zlib.crc32(self._header))
+            if crc != header.crc:
+                raise ProtocolError(
+                    f"bad crc in frame {header.seq} ({_frame_name(header.type)}, "
+                    f"{header.length} bytes): header says {header.crc:#010x}, "
+                    f"content gives {crc:#010x}"
+                )
         try:
             frame_type = FrameType(header.type)
         except ValueError:
@@ -388,11 +464,6 @@ class FramedConnection:
             raise ProtocolError(
                 f"unsupported protocol version {header.version} in frame {header.seq} "
                 f"(this side speaks {PROTOCOL_VERSION})"
-            )
-        if header.flags or header.reserved:
-            raise ProtocolError(
-                f"frame {header.seq} has unknown header flags {header.flags:#x} or a non-zero "
-                f"reserved field {header.reserved:#x}"
             )
         expected = self._recv_seq + 1
         if header.seq != expected:
@@ -1005,22 +1076,33 @@ def handshake(
 
     The side is `local.role`: the SOURCE sends its HELLO first, the TARGET answers. On a refusal by
     either side, HandshakeRefused (AuthError for a failed authentication) is raised, with `remote`
-    saying who refused; a malformed exchange raises ProtocolError. In every failure case the caller
-    must close the connection; nothing of the peer may be used.
+    saying who refused; a malformed exchange raises ProtocolError, and so does a handshake not
+    finished within `timeout` seconds in all (a deadline, not a per-frame timeout). Until the peer
+    is authenticated no frame may carry more than MAX_HANDSHAKE_PAYLOAD bytes. On success the
+    connection authenticates every later frame in both directions under keys derived from this
+    handshake. In every failure case the caller must close the connection; nothing of the peer
+    may be used.
     """
     if not secret:
         raise ValueError("an empty shared secret")
     if local.role is Role.SOURCE and len(expect.peers) != 1:
         raise ValueError("the source must expect exactly the one target it connects to")
     old_timeout = conn.sock.gettimeout()
+    old_max = conn.max_payload
     conn.sock.settimeout(timeout)
+    conn.deadline = time.monotonic() + timeout
+    conn.max_payload = min(old_max, MAX_HANDSHAKE_PAYLOAD)
+    conn.plain_refuse_ok = True
     try:
         return _Handshake(conn, local, secret, expect).run()
     except TimeoutError:
         raise ProtocolError(
-            f"handshake timed out: the peer did not answer within {timeout:g} s"
+            f"handshake timed out: the peer did not finish it within {timeout:g} s"
         ) from None
     finally:
+        conn.deadline = None
+        conn.max_payload = old_max
+        conn.plain_refuse_ok = False
         with contextlib.suppress(OSError):
             conn.sock.settimeout(old_timeout)
 
@@ -1080,6 +1162,13 @@ class _Handshake:
         if refusal is not None:
             self.refuse(HandshakeRefused, *refusal)
 
+        # Every frame from our WELCOME on is authenticated, in both directions.
+        if local.role is Role.SOURCE:
+            keys = _session_keys(self.secret, mine, mine_digest, theirs, theirs_digest)
+            self.conn.authenticate(keys[0], keys[1])
+        else:
+            keys = _session_keys(self.secret, theirs, theirs_digest, mine, mine_digest)
+            self.conn.authenticate(keys[1], keys[0])
         self.send_message(Welcome())
         self.receive(FrameType.WELCOME)
         return peer
@@ -1198,6 +1287,25 @@ def _auth_mac(
         msg += bytes([len(data)]) + data
     msg += sender_digest + receiver_digest
     return hmac.new(secret, bytes(msg), hashlib.sha256).digest()
+
+
+def _session_keys(
+    secret: bytes, source: Hello, source_digest: bytes, target: Hello, target_digest: bytes
+) -> tuple[bytes, bytes]:
+    """The session's frame keys, (source -> target, target -> source) (docs/protocol.md).
+
+    Both nonces make them fresh for every connection, so frames of one session are worthless in
+    another.
+    """
+    session = hmac.new(
+        secret,
+        SESSION_LABEL + source.nonce + target.nonce + source_digest + target_digest,
+        hashlib.sha256,
+    ).digest()
+    return (
+        hmac.new(session, b"source->target", hashlib.sha256).digest(),
+        hmac.new(session, b"target->source", hashlib.sha256).digest(),
+    )
 
 
 def _check_peer(

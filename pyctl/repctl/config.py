@@ -4,8 +4,8 @@
 (``resources.r0.nodes.beta.device``), the line, what was expected and what was found. Nothing may
 run on a configuration that failed to load. The schema is declared as data (the ``_*_KEYS`` tables
 below, one per mapping); cross-key rules (the source is a node, targets are nodes other than the
-source, ports are unique, ...) are checked after every key parsed. docs/config.md documents every
-key.
+source, ports are unique, a node's devices are distinct, ...) are checked after every key parsed.
+docs/config.md documents every key.
 """
 
 from __future__ import annotations
@@ -36,10 +36,27 @@ TiB = 1024 * GiB
 
 MIN_CHUNK_SIZE = 4 * KiB  # mirrors REPL_MIN_CHUNK_SECTORS in kmod/dm-repl-uapi.h
 MAX_CHUNK_SIZE = 1 * MiB  # mirrors REPL_MAX_CHUNK_SECTORS
-MIN_RING_SIZE = 1 * MiB
+MIN_RING_SIZE = 1 * MiB  # the kernel's ring_mb: a whole number of MiB, 1..4096 (REPL_MAX_RING_MB)
 MAX_RING_SIZE = 4 * GiB
+# The kernel's sync_timeout_ms range, 100..600000 (parse_features in kmod/dm-repl-target.c).
+MIN_SYNC_TIMEOUT = 0.1  # seconds
+MAX_SYNC_TIMEOUT = 600.0
+MIN_MAX_LAG = 4 * KiB  # one page; the upper bound is the resource's ring_size (exclusive)
 MIN_SECRET_BYTES = 16
-DEFAULT_MAX_LAG = 64 * MiB
+
+# Node names that the daemon's state files of a resource would clash with: in
+# <state_dir>/<resource>/ the source keeps <target>.json and <target>.oos per target, and also
+# generation.json; a target keeps target.json. Refused in any case (a case-insensitive state_dir).
+RESERVED_NODE_NAMES = frozenset({"generation", "target"})
+
+
+def default_max_lag(ring_size: int) -> int:
+    """The max_lag of an async target that sets none: three quarters of the ring, in whole 4 KiB.
+
+    The backlog is bytes of ring records, so it never exceeds `ring_size`: a max_lag must be below
+    it to ever be reached.
+    """
+    return ring_size * 3 // 4 // (4 * KiB) * (4 * KiB)
 
 
 class TargetMode(StrEnum):
@@ -74,7 +91,7 @@ class Target:
 
     name: str
     mode: TargetMode
-    max_lag: int | None  # bytes; async targets only (sync targets: None)
+    max_lag: int | None  # bytes, below the resource's ring_size; async targets only (sync: None)
 
 
 @dataclass(frozen=True)
@@ -362,11 +379,12 @@ def _bounded_size(
     return parse
 
 
-def _positive_duration(hi: float) -> Callable[[object], float]:
+def _bounded_duration(lo: float, hi: float, why: str) -> Callable[[object], float]:
     def parse(value: object) -> float:
         t = _duration(value)
-        if not 0 < t <= hi:
-            raise _Invalid(f"a duration above 0 and at most {format_duration(hi)}")
+        if not lo <= t <= hi:
+            bounds = f"from {format_duration(lo)} to {format_duration(hi)}"
+            raise _Invalid(f"a duration {bounds} ({why})")
         return t
 
     return parse
@@ -408,7 +426,9 @@ def _address(value: object) -> str:
 _RESOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 _RESOURCE_NAME_EXPECTED = "a resource name (letters, digits, '-', '_'; at most 63)"
-_NODE_NAME_EXPECTED = "a node name (the host's name: letters, digits, '-', '_', '.')"
+_NODE_NAME_EXPECTED = (
+    "a node name (the host's name: letters, digits, '-', '_', '.', starting with a letter or digit)"
+)
 
 
 def _node_name(value: object) -> str:
@@ -452,8 +472,10 @@ _GLOBAL_KEYS = {
 _RESOURCE_KEYS = {
     "port": _Key(_port),
     "chunk_size": _Key(_bounded_size(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE, power_of_two=True), 4 * KiB),
-    "ring_size": _Key(_bounded_size(MIN_RING_SIZE, MAX_RING_SIZE, multiple=4 * KiB), 32 * MiB),
-    "sync_timeout": _Key(_positive_duration(3600.0), 5.0),
+    "ring_size": _Key(_bounded_size(MIN_RING_SIZE, MAX_RING_SIZE, multiple=MiB), 32 * MiB),
+    "sync_timeout": _Key(
+        _bounded_duration(MIN_SYNC_TIMEOUT, MAX_SYNC_TIMEOUT, "the kernel's range"), 5.0
+    ),
     "source": _Key(_node_name),
     "secret_file": _Key(_abs_path, None),
     "nodes": _Key(_mapping),
@@ -468,7 +490,7 @@ _NODE_KEYS = {
 
 _TARGET_KEYS = {
     "mode": _Key(_mode),
-    "max_lag": _Key(_bounded_size(1 * MiB, 1 * TiB), None),
+    "max_lag": _Key(_bounded_size(MIN_MAX_LAG, MAX_RING_SIZE), None),  # and below ring_size
 }
 
 _TOP_KEYS = {
@@ -483,6 +505,7 @@ class _Validator:
     def __init__(self, file: str, lines: dict[tuple[str, ...], int]) -> None:
         self.file = file
         self.lines = lines
+        self.ids: dict[Path, dict[object, str]] = {}  # identities(): one stat per path
 
     def error(self, path: tuple[str, ...], expected: str, got: str) -> ConfigError:
         line = None
@@ -553,7 +576,61 @@ class _Validator:
                 )
             ports[res.port] = name
             resources[name] = res
+        self.devices_unshared(resources)
         return Config(glob, MappingProxyType(resources), self.file)
+
+    def devices_unshared(self, resources: Mapping[str, Resource]) -> None:
+        """No device of a node (data or metadata) serves two resources, in either role."""
+        uses: dict[str, list[tuple[tuple[str, ...], Path]]] = {}  # node -> (key path, device)
+        for res in resources.values():
+            for node in res.nodes.values():
+                mine = uses.setdefault(node.name, [])
+                for role, path in (("device", node.device), ("metadata", node.metadata)):
+                    if path is None:
+                        continue
+                    key = ("resources", res.name, "nodes", node.name, role)
+                    for first, first_path in mine:
+                        how = self.same_device(first_path, path)
+                        if how is not None:
+                            raise self.error(
+                                key,
+                                f"a device that no other resource uses on node {node.name} "
+                                f"({'.'.join(first)} is {str(first_path)!r})",
+                                f"{str(path)!r}, {how}",
+                            )
+                    mine.append((key, path))
+
+    def same_device(self, a: Path, b: Path) -> str | None:
+        """How `b` names the same device as `a` (words for a message), or None if it does not.
+
+        The paths are compared as given and, where both exist on this machine, as the file they
+        resolve to (symlinks, hard links) and, for block devices, by device number. A path that
+        does not exist here (another machine's device) is compared as given only.
+        """
+        known = self.identities(a)
+        for ident, how in self.identities(b).items():
+            if ident in known:
+                return how
+        return None
+
+    def identities(self, path: Path) -> dict[object, str]:
+        """What `path` is, as keys to compare (see same_device), each with the words for it."""
+        ids = self.ids.get(path)
+        if ids is None:
+            ids = {("path", path): "the same path"}
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError):
+                pass
+            else:
+                real = os.path.realpath(path)
+                how = "on this machine the same file" + (f" ({real})" if real != str(path) else "")
+                ids[("file", st.st_dev, st.st_ino)] = how
+                if stat.S_ISBLK(st.st_mode):
+                    number = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                    ids[("rdev", st.st_rdev)] = f"on this machine the same block device {number}"
+            self.ids[path] = ids
+        return ids
 
     def resource(
         self, name: str, path: tuple[str, ...], value: object, glob: GlobalConfig
@@ -565,7 +642,24 @@ class _Validator:
         for nname, npath, nvalue in self.named(
             r["nodes"], (*path, "nodes"), _NODE_NAME, _NODE_NAME_EXPECTED, "node"
         ):
+            if nname.lower() in RESERVED_NODE_NAMES:
+                raise self.error(
+                    npath,
+                    f"a node name other than {', '.join(sorted(RESERVED_NODE_NAMES))} (in "
+                    f"{glob.state_dir / name}/ the daemon keeps <target>.json beside its own "
+                    "generation.json and target.json)",
+                    repr(nname),
+                )
             n = self.section(nvalue, npath, _NODE_KEYS)
+            if n["metadata"] is not None:
+                how = self.same_device(n["device"], n["metadata"])
+                if how is not None:
+                    raise self.error(
+                        (*npath, "metadata"),
+                        "a metadata device other than the node's data device "
+                        "(repctl create-md would format the data)",
+                        f"{str(n['metadata'])!r}, {how} as device {str(n['device'])!r}",
+                    )
             if n["address"] in addresses:
                 raise self.error(
                     (*npath, "address"),
@@ -607,8 +701,15 @@ class _Validator:
                     "no max_lag on a sync target (it never lags; see sync_timeout)",
                     repr(tvalue["max_lag"]),  # type: ignore[index]
                 )
+            if max_lag is not None and max_lag >= r["ring_size"]:
+                raise self.error(
+                    (*tpath, "max_lag"),
+                    f"a max_lag below the ring_size of {name}, {format_size(r['ring_size'])} (the "
+                    "backlog is bytes of ring records: it never exceeds the ring)",
+                    repr(tvalue["max_lag"]),  # type: ignore[index]
+                )
             if t["mode"] is TargetMode.ASYNC and max_lag is None:
-                max_lag = DEFAULT_MAX_LAG
+                max_lag = default_max_lag(r["ring_size"])
             targets[tname] = Target(tname, t["mode"], max_lag)
 
         return Resource(

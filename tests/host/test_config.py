@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import os
 import re
+import stat
+import types
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ VALID: dict[str, Any] = {
                 },
                 "gamma": {"address": "backup.example.com", "device": "/srv/backup/r0.img"},
             },
-            "targets": {"beta": {"mode": "sync"}, "gamma": {"mode": "async", "max_lag": "256MiB"}},
+            "targets": {"beta": {"mode": "sync"}, "gamma": {"mode": "async", "max_lag": "16MiB"}},
         },
     },
 }
@@ -72,7 +74,7 @@ def test_valid_config_loads():
         "gamma", "backup.example.com", Path("/srv/backup/r0.img"), None
     )
     assert r0.targets["beta"] == c.Target("beta", c.TargetMode.SYNC, None)
-    assert r0.targets["gamma"] == c.Target("gamma", c.TargetMode.ASYNC, 256 << 20)
+    assert r0.targets["gamma"] == c.Target("gamma", c.TargetMode.ASYNC, 16 << 20)
     assert r0.secret_file == Path("/etc/repctl/secret")
 
 
@@ -98,7 +100,7 @@ def test_defaults(tmp_path):
     )
     res = cfg.resource("r0")
     assert (res.chunk_size, res.ring_size, res.sync_timeout) == (4096, 32 << 20, 5.0)
-    assert res.targets["gamma"].max_lag == c.DEFAULT_MAX_LAG
+    assert res.targets["gamma"].max_lag == 24 << 20  # three quarters of the 32 MiB ring
     assert res.secret_file == Path("/etc/repctl/r0.secret")
     assert c.parse_config(cfg.dump()) == cfg
 
@@ -138,6 +140,15 @@ def _set(path: str, value: Any) -> Any:
     return change
 
 
+def _node(name: str) -> Any:
+    """Add a node called `name` to r0 (a name that _set cannot spell: it splits on dots)."""
+
+    def change(data: dict[str, Any]) -> None:
+        data["resources"]["r0"]["nodes"][name] = {"address": "h", "device": "/d"}
+
+    return change
+
+
 _DELETE = object()
 R0 = "resources.r0"
 
@@ -166,7 +177,8 @@ CASES = [
      "a power of two size from 4KiB to 1MiB"),
     ("chunk too big", _set(f"{R0}.chunk_size", "2MiB"), f"{R0}.chunk_size", "got '2MiB'"),
     ("bad duration", _set(f"{R0}.sync_timeout", "5 sec"), f"{R0}.sync_timeout", "500ms, 5s, 2m"),
-    ("zero duration", _set(f"{R0}.sync_timeout", "0s"), f"{R0}.sync_timeout", "above 0"),
+    ("zero duration", _set(f"{R0}.sync_timeout", "0s"), f"{R0}.sync_timeout",
+     "a duration from 100ms to 10m (the kernel's range), got '0s'"),
     ("source not a node", _set(f"{R0}.source", "delta"), f"{R0}.source",
      "one of the nodes of r0 (alpha, beta, gamma), got 'delta'"),
     ("source without metadata", _set(f"{R0}.source", "gamma"), f"{R0}.nodes.gamma.metadata",
@@ -200,6 +212,45 @@ CASES = [
     ("bad resource name", _set("resources.r/0", {}), "resources.r/0", "a resource name"),
     ("global not a mapping", _set("global", ["x"]), "global",
      "a mapping with keys control_socket, state_dir, secret_file, got a list"),
+    # A node's metadata is never its data device: create-md --force would format the data.
+    ("metadata is the device", _set(f"{R0}.nodes.beta.metadata", "/dev/vg0/data"),
+     f"{R0}.nodes.beta.metadata", "expected a metadata device other than the node's data device "
+     "(repctl create-md would format the data), got '/dev/vg0/data', the same path as device "
+     "'/dev/vg0/data'"),
+    ("metadata is the device spelt otherwise",
+     _set(f"{R0}.nodes.alpha.metadata", "/dev//vg0/./data/"),
+     f"{R0}.nodes.alpha.metadata", "got '/dev/vg0/data', the same path as device"),
+    # Node names that the daemon's state files of the resource are named after.
+    ("node named generation", _set(f"{R0}.nodes.generation", {"address": "h", "device": "/d"}),
+     f"{R0}.nodes.generation", "expected a node name other than generation, target (in "
+     "/var/lib/repctl/r0/ the daemon keeps <target>.json beside its own generation.json and "
+     "target.json), got 'generation'"),
+    ("node named target", _set(f"{R0}.nodes.target", {"address": "h", "device": "/d"}),
+     f"{R0}.nodes.target", "a node name other than generation, target"),
+    ("node named Target", _set(f"{R0}.nodes.Target", {"address": "h", "device": "/d"}),
+     f"{R0}.nodes.Target", "got 'Target'"),
+    ("hidden node name", _node(".beta"), f"{R0}.nodes..beta",
+     "starting with a letter or digit), got '.beta'"),
+    ("node name with a slash", _node("x/beta"), f"{R0}.nodes.x/beta", "a node name"),
+    ("node name ..", _node(".."), f"{R0}.nodes...", "a node name"),
+    # sync_timeout: the kernel's range, 100 ms to 10 min, nothing clamped.
+    ("sync_timeout too short", _set(f"{R0}.sync_timeout", "99ms"), f"{R0}.sync_timeout",
+     "expected a duration from 100ms to 10m (the kernel's range), got '99ms'"),
+    ("sync_timeout bare seconds too short", _set(f"{R0}.sync_timeout", 0.05),
+     f"{R0}.sync_timeout", "from 100ms to 10m"),
+    ("sync_timeout too long", _set(f"{R0}.sync_timeout", "601s"), f"{R0}.sync_timeout",
+     "from 100ms to 10m (the kernel's range), got '601s'"),
+    ("sync_timeout an hour", _set(f"{R0}.sync_timeout", "1h"), f"{R0}.sync_timeout", "got '1h'"),
+    # max_lag: the backlog never exceeds the ring, so a max_lag must be below ring_size.
+    ("max_lag is the ring", _set(f"{R0}.targets.gamma.max_lag", "32MiB"),
+     f"{R0}.targets.gamma.max_lag", "expected a max_lag below the ring_size of r0, 32MiB (the "
+     "backlog is bytes of ring records: it never exceeds the ring), got '32MiB'"),
+    ("max_lag above the ring", _set(f"{R0}.targets.gamma.max_lag", "256MiB"),
+     f"{R0}.targets.gamma.max_lag", "below the ring_size of r0, 32MiB"),
+    ("max_lag tiny", _set(f"{R0}.targets.gamma.max_lag", 1024), f"{R0}.targets.gamma.max_lag",
+     "a size from 4KiB to 4GiB, got 1024"),
+    ("ring_size in whole MiB", _set(f"{R0}.ring_size", "1536KiB"), f"{R0}.ring_size",
+     "a size from 1MiB to 4GiB, a multiple of 1MiB, got '1536KiB'"),
 ]  # fmt: skip
 
 
@@ -224,6 +275,163 @@ def test_port_unique_across_resources(tmp_path):
     error = load_error(tmp_path, data)
     assert error.key == "resources.r1.port"
     assert "a port that no other resource uses (r0 uses 7789)" in str(error)
+
+
+def with_r1(**alpha: str) -> dict[str, Any]:
+    """VALID plus a resource r1 whose node alpha has the devices `alpha` (beta is its source)."""
+    data = copy.deepcopy(VALID)
+    data["resources"]["r1"] = {
+        "port": 7790,
+        "source": "beta",
+        "nodes": {
+            "beta": {
+                "address": "10.0.0.2", "device": "/dev/vg0/mail", "metadata": "/dev/vg0/mail-md"
+            },
+            "alpha": {"address": "10.0.0.1", **alpha},
+        },
+        "targets": {"alpha": {"mode": "sync"}},
+    }
+    return data
+
+
+@pytest.mark.parametrize(
+    ("alpha", "key", "first"),
+    [
+        ({"device": "/dev/vg0/data"}, "device", f"{R0}.nodes.alpha.device is '/dev/vg0/data'"),
+        ({"device": "/dev/vg0/data-md"}, "device",
+         f"{R0}.nodes.alpha.metadata is '/dev/vg0/data-md'"),
+        ({"device": "/dev/vg0/mail", "metadata": "/dev/vg0/data-md"}, "metadata",
+         f"{R0}.nodes.alpha.metadata is '/dev/vg0/data-md'"),
+        ({"device": "/dev/vg0/mail", "metadata": "/dev/vg0/data"}, "metadata",
+         f"{R0}.nodes.alpha.device is '/dev/vg0/data'"),
+    ],
+    ids=["data is data", "data is metadata", "metadata is metadata", "metadata is data"],
+)  # fmt: skip
+def test_a_device_serves_one_resource_of_a_node(tmp_path, alpha, key, first):
+    data = with_r1(**alpha)
+    text = yaml.safe_dump(data, sort_keys=False)
+    error = load_error(tmp_path, text)
+    assert error.key == f"resources.r1.nodes.alpha.{key}"
+    path = alpha[key]
+    assert str(error).endswith(
+        f"expected a device that no other resource uses on node alpha ({first}), "
+        f"got '{path}', the same path"
+    )
+    assert text.splitlines()[error.line - 1].strip() == f"{key}: {path}"
+
+
+def test_the_same_paths_on_other_nodes_or_distinct_are_fine(tmp_path):
+    # beta has r0's paths of alpha (another machine); alpha's r1 devices are its own.
+    data = with_r1(device="/dev/vg0/mail", metadata="/dev/vg0/mail-md")
+    cfg = c.load_config(write(tmp_path, data))
+    assert cfg.resource("r1").nodes["alpha"].device == cfg.resource("r1").nodes["beta"].device
+
+
+def test_devices_that_exist_are_compared_as_the_file_they_are(tmp_path):
+    data_img = tmp_path / "data.img"
+    data_img.write_bytes(b"")
+    (tmp_path / "by-id").mkdir()
+    link = tmp_path / "by-id" / "disk-1"
+    link.symlink_to(data_img)
+    hard = tmp_path / "hard.img"
+    os.link(data_img, hard)
+    for other in (link, hard, tmp_path / "by-id" / ".." / "data.img"):
+        data = copy.deepcopy(VALID)
+        data["resources"]["r0"]["nodes"]["alpha"].update(device=str(data_img), metadata=str(other))
+        error = load_error(tmp_path, data)
+        assert error.key == f"{R0}.nodes.alpha.metadata"
+        real = "" if other == hard else f" ({data_img})"  # a hard link resolves to itself
+        assert str(error).endswith(
+            f"got '{other}', on this machine the same file{real} as device '{data_img}'"
+        )
+    # across resources too
+    data = with_r1(device=str(link))
+    data["resources"]["r0"]["nodes"]["alpha"]["device"] = str(data_img)
+    error = load_error(tmp_path, data)
+    assert error.key == "resources.r1.nodes.alpha.device"
+    assert str(error).endswith(f"got '{link}', on this machine the same file ({data_img})")
+
+
+def test_devices_that_do_not_exist_are_compared_as_written(tmp_path):
+    data = copy.deepcopy(VALID)
+    alpha = data["resources"]["r0"]["nodes"]["alpha"]
+    alpha.update(device=str(tmp_path / "absent" / "data"), metadata=str(tmp_path / "absent" / "md"))
+    assert c.load_config(write(tmp_path, data)).resource("r0").nodes["alpha"].metadata is not None
+    (tmp_path / "md-only").write_bytes(b"")  # one of the two exists: still compared as written
+    alpha["metadata"] = str(tmp_path / "md-only")
+    c.load_config(write(tmp_path, data))
+
+
+def test_block_devices_are_compared_by_device_number(tmp_path, monkeypatch):
+    # Two device nodes of one disk (as /dev/mapper/vg0-data and /dev/dm-3): no symlink between.
+    nodes = {"/dev/mapper/vg0-data": 11, "/dev/dm-3": 12}
+    real_stat = os.stat
+
+    def fake_stat(path, *args, **kwargs):
+        if str(path) in nodes:
+            return types.SimpleNamespace(
+                st_mode=stat.S_IFBLK | 0o660, st_dev=5, st_ino=nodes[str(path)],
+                st_rdev=os.makedev(253, 3),
+            )  # fmt: skip
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(c.os, "stat", fake_stat)
+    data = copy.deepcopy(VALID)
+    data["resources"]["r0"]["nodes"]["alpha"].update(device="/dev/mapper/vg0-data",
+                                                     metadata="/dev/dm-3")  # fmt: skip
+    error = load_error(tmp_path, data)
+    assert error.key == f"{R0}.nodes.alpha.metadata"
+    assert str(error).endswith(
+        "got '/dev/dm-3', on this machine the same block device 253:3 as device "
+        "'/dev/mapper/vg0-data'"
+    )
+
+
+def test_sync_timeout_takes_the_whole_kernel_range(tmp_path):
+    for text, seconds in (("100ms", 0.1), ("0.1", 0.1), ("10m", 600.0), ("600s", 600.0)):
+        data = copy.deepcopy(VALID)
+        data["resources"]["r0"]["sync_timeout"] = text
+        cfg = c.load_config(write(tmp_path, data))
+        assert cfg.resource("r0").sync_timeout == seconds
+        assert c.parse_config(cfg.dump()) == cfg
+    assert (c.MIN_SYNC_TIMEOUT, c.MAX_SYNC_TIMEOUT) == (0.1, 600.0)
+    kmod = (ROOT / "kmod" / "dm-repl-target.c").read_text()
+    assert '{100, 600000, "Invalid sync_timeout_ms (100..600000)"}' in kmod
+
+
+@pytest.mark.parametrize(
+    ("ring", "lag"),
+    [("1MiB", 768 * 1024), ("32MiB", 24 << 20), ("3MiB", 2304 * 1024), ("4GiB", 3 << 30)],
+)
+def test_default_max_lag_is_three_quarters_of_the_ring(tmp_path, ring, lag):
+    data = copy.deepcopy(VALID)
+    data["resources"]["r0"]["ring_size"] = ring
+    del data["resources"]["r0"]["targets"]["gamma"]["max_lag"]
+    cfg = c.load_config(write(tmp_path, data))
+    res = cfg.resource("r0")
+    assert res.targets["gamma"].max_lag == lag < res.ring_size
+    assert res.targets["beta"].max_lag is None
+    assert c.parse_config(cfg.dump()) == cfg
+
+
+def test_default_max_lag_rounds_down_to_4kib():
+    assert c.default_max_lag(32 << 20) == 24 << 20
+    assert c.default_max_lag((1 << 20) + 4096) == 786432  # 789504 rounded down
+    assert all(c.default_max_lag(n) % 4096 == 0 for n in range(1 << 20, 1 << 21, 4096))
+
+
+def test_max_lag_just_below_the_ring_is_accepted(tmp_path):
+    data = copy.deepcopy(VALID)
+    data["resources"]["r0"]["targets"]["gamma"]["max_lag"] = (32 << 20) - 4096
+    assert c.load_config(write(tmp_path, data)).resource("r0").targets["gamma"].max_lag == (
+        (32 << 20) - 4096
+    )
+
+
+def test_the_reserved_node_names_are_documented():
+    text = (ROOT / "docs" / "config.md").read_text()
+    for name in c.RESERVED_NODE_NAMES:
+        assert f"`{name}`" in text and f"`{name}.json`" in text
 
 
 def test_line_numbers_point_at_the_key(tmp_path):

@@ -176,7 +176,7 @@ int repl_md_load_bitmap(struct repl_c *rc)
  */
 int repl_md_commit(struct repl_c *rc)
 {
-	unsigned int b, start, end;
+	unsigned int b, start, end, built = 0;
 	unsigned long flags;
 	int r = 0;
 
@@ -198,6 +198,18 @@ int repl_md_commit(struct repl_c *rc)
 		bitmap_to_arr64((u64 *)dst, rc->dirty + first / BITS_PER_LONG, nbits);
 		for (w = 0; w < DIV_ROUND_UP(nbits, 64); w++)
 			dst[w] = cpu_to_le64(((u64 *)dst)[w]);
+		if (!(++built % 64)) {
+			/*
+			 * Every block may be dirty (mark_dirty of the whole device):
+			 * let interrupts and the CPU in.  A bit set meanwhile marks its
+			 * block dirty again for the next commit, and a write waiting
+			 * for it sees the block writing; only CLEAN clears bits, and
+			 * it holds commit_lock, as we do.
+			 */
+			spin_unlock_irqrestore(&rc->lock, flags);
+			cond_resched();
+			spin_lock_irqsave(&rc->lock, flags);
+		}
 	}
 	spin_unlock_irqrestore(&rc->lock, flags);
 

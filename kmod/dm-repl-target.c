@@ -229,29 +229,49 @@ static bool blocked(struct repl_c *rc, struct repl_io *io)
 }
 
 /*
+ * rc->lock held: set the dirty bits of chunks [first, end), which lie in one
+ * metadata block; count the new ones and mark the block for the next commit.
+ * Word at a time: its cost is bounded by the block's 512 words, not by its
+ * 32768 chunks.
+ */
+static void set_dirty(struct repl_c *rc, u64 first, u64 end)
+{
+	unsigned long *words = rc->dirty + BIT_WORD(first);
+	unsigned int start = first % BITS_PER_LONG, nbits = end - first;
+	unsigned int span = round_up(start + nbits, BITS_PER_LONG);
+	unsigned int before = bitmap_weight(words, span), added;
+
+	bitmap_set(words, start, nbits);
+	added = bitmap_weight(words, span) - before;
+	if (added) {
+		rc->nr_dirty += added;
+		__set_bit(first / REPL_BITS_PER_BLOCK, rc->blocks_dirty);
+	}
+}
+
+/*
  * rc->lock held: mark the chunks of io dirty (and recent).  Returns true if
- * the write must wait for a bitmap commit.
+ * the write must wait for a bitmap commit: one of its bits was new, or sits
+ * in a block that is waiting to be written or being written.  Works a
+ * metadata block at a time, so a discard of millions of chunks costs
+ * words, not chunks.
  */
 static bool mark_dirty(struct repl_c *rc, struct repl_io *io)
 {
-	u64 first, last, c;
-	unsigned long b;
+	u64 first, end, next, b;
 	bool wait = false;
 
 	if (io->start == io->end)
 		return false;
 	first = repl_chunk(rc, io->start);
-	last = repl_chunk(rc, io->end - 1);
-	bitmap_set(rc->recent, first, last - first + 1);
-	for (c = first; c <= last; c++) {
-		b = c / REPL_BITS_PER_BLOCK;
-		if (!__test_and_set_bit(c, rc->dirty)) {
-			rc->nr_dirty++;
-			__set_bit(b, rc->blocks_dirty);
+	end = repl_chunk(rc, io->end - 1) + 1;
+	for (; first < end; first = next) {
+		b = first / REPL_BITS_PER_BLOCK;
+		next = min(end, (b + 1) * REPL_BITS_PER_BLOCK);
+		bitmap_set(rc->recent + BIT_WORD(first), first % BITS_PER_LONG, next - first);
+		set_dirty(rc, first, next);
+		if (test_bit(b, rc->blocks_dirty) || test_bit(b, rc->blocks_writing))
 			wait = true;
-		} else if (test_bit(b, rc->blocks_dirty) || test_bit(b, rc->blocks_writing)) {
-			wait = true;
-		}
 	}
 	return wait;
 }
@@ -921,7 +941,7 @@ static int repl_message(struct dm_target *ti, unsigned int argc, char **argv,
 {
 	struct repl_c *rc = ti->private;
 	unsigned long flags;
-	u64 first, count, c;
+	u64 first, count, c, next;
 	char dummy;
 	int r;
 
@@ -947,14 +967,18 @@ static int repl_message(struct dm_target *ti, unsigned int argc, char **argv,
 			DMWARN("mark_dirty: device suspended");
 			return -EAGAIN;
 		}
-		spin_lock_irqsave(&rc->lock, flags);
-		for (c = first; c < first + count; c++) {
-			if (!__test_and_set_bit(c, rc->dirty)) {
-				rc->nr_dirty++;
-				__set_bit(c / REPL_BITS_PER_BLOCK, rc->blocks_dirty);
-			}
+		/*
+		 * A metadata block at a time, letting go of the lock and the CPU in
+		 * between: the range may be the whole device.  Holding commit_lock
+		 * keeps CLEAN and commits out until every bit is set.
+		 */
+		for (c = first; c < first + count; c = next) {
+			next = min(first + count, round_down(c, REPL_BITS_PER_BLOCK) + REPL_BITS_PER_BLOCK);
+			spin_lock_irqsave(&rc->lock, flags);
+			set_dirty(rc, c, next);
+			spin_unlock_irqrestore(&rc->lock, flags);
+			cond_resched();
 		}
-		spin_unlock_irqrestore(&rc->lock, flags);
 		r = repl_md_commit(rc);
 		mutex_unlock(&rc->commit_lock);
 		return r;

@@ -47,9 +47,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODULE = REPO / "kmod" / "dm-repl.ko"
 GUEST_SCRIPT = REPO / "tests" / "vm" / "guest-run.sh"
+# REPCTL_VM_RESULTS moves the test and crash results elsewhere, so that two runs can share a tree.
+_VM_RESULTS = Path(os.environ.get("REPCTL_VM_RESULTS", REPO / "build" / "vm-results"))
 RESULTS = {
-    "test": REPO / "build" / "vm-results",
-    "crash": REPO / "build" / "vm-results",
+    "test": _VM_RESULTS,
+    "crash": _VM_RESULTS,
     "demo": REPO / "build" / "demo-results",
     "bench": REPO / "build" / "bench-results",
 }

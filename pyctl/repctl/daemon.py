@@ -22,7 +22,7 @@ order to the store, makes them durable and acknowledges.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import mmap
 import os
@@ -40,6 +40,7 @@ from repctl.config import Config, Node, Resource, Target, TargetMode
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.oos import OOSBitmap
 from repctl.ring import Consumer, RingError
+from repctl.statefile import StateError, load_json, remove_stale_temporaries, save_json
 from repctl.store import Store, open_store
 
 log = logging.getLogger("repctl.daemon")
@@ -53,9 +54,23 @@ ASYNC_WAIT_MS = 20       # ... or after this long (the kernel wakes it sooner if
 ASYNC_NICE = 10          # CPU priority of an async link's thread: the applications come first
 FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
 RECONNECT_DELAY = 1.0
-LAG_FRACTION = 0.75      # an async target holding more of the ring than this falls behind
+FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
+MAX_PENDING_HANDSHAKES = 8  # unauthenticated connections a target serves at once; more are shed
+READ_PIECE = 16 << 20    # the most one read of a device or store asks for
+SEND_TIMEOUT_MS = 30_000  # TCP_USER_TIMEOUT: a peer that takes nothing for this long is dropped
+LOCK_WAIT = 1.0          # the engine waits this long for a link's sender before it cuts the link
 
-STATES = ("connecting", "syncing", "streaming", "paused", "behind", "disconnected")
+TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyncs it whole; "
+                       "the corrupt file is kept beside it for inspection")
+
+STATES = ("connecting", "syncing", "streaming", "paused", "behind", "disconnected", "failed")
+ADMIN = ("up", "paused", "disconnected")
+
+LINK_STATE_ACTION = "the target is taken as up (not paused); check it with `repctl status`"
+OOS_ACTION = ("every chunk is taken as out of sync for this target: it gets a full resync; "
+              "the corrupt file is kept beside it for inspection")
+GENERATION_ACTION = ("the resource stays down: restore the file from a backup of the state folder, "
+                     "or see docs/architecture.md, \"State files\", to start a new generation")
 
 
 class Events:
@@ -87,24 +102,6 @@ class Events:
                     self._subs.remove(q)
 
 
-def _json_load(path: Path, default: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return dict(default)
-
-
-def _json_save(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------ source side
 
 
@@ -115,11 +112,27 @@ class Link:
         self.res = res
         self.name = target.name
         self.mode = target.mode
+        self.max_lag = target.max_lag or 0  # async: the backlog past which it falls behind
         self.node = node
         self.address = (node.address, res.cfg.port)
         self.state_path = res.state_dir / f"{self.name}.json"
-        self.oos = OOSBitmap(res.state_dir / f"{self.name}.oos", res.nr_chunks)
-        self.saved = _json_load(self.state_path, {"admin": "up"})
+        self.last_error: str | None = None
+        try:
+            self.saved = load_json(self.state_path, {"admin": "up"}, action=LINK_STATE_ACTION,
+                                   check=lambda d: None if d.get("admin") in ADMIN
+                                   else f"admin {d.get('admin')!r} is none of {', '.join(ADMIN)}")
+        except StateError as e:
+            self._state_error(e)
+            _set_aside(self.state_path)
+            self.saved = {"admin": "up"}
+            save_json(self.state_path, self.saved)
+        oos_path = res.state_dir / f"{self.name}.oos"
+        try:
+            self.oos = OOSBitmap(oos_path, res.nr_chunks, action=OOS_ACTION)
+        except StateError as e:
+            self._state_error(e)
+            _set_aside(oos_path)
+            self.oos = OOSBitmap(oos_path, res.nr_chunks)  # missing now: all dirty, below
         if not self.oos.existed:
             self.oos.set_all()  # a new target: everything must be sent once
             self.oos.save()
@@ -135,11 +148,11 @@ class Link:
         self.durable = 0         # highest seq durable on the target
         self.pongs: dict[int, threading.Event] = {}
         self.csum_replies: queue.Queue[P.CsumReply] = queue.Queue()
+        self.sent_max = 0        # highest ring seq sent on the current connection
         self.bytes_sent = 0
         self.sync_total = 0
         self.sync_done = 0
         self.sync_started = 0.0
-        self.last_error: str | None = None
         self.wake = threading.Event()
         # held while ring records are read and sent: the engine takes it before
         # it lets the kernel reuse ring space this link may still be sending
@@ -147,6 +160,11 @@ class Link:
         self.thread = threading.Thread(target=self._run, name=f"link-{res.name}-{self.name}", daemon=True)
 
     # -- state ---------------------------------------------------------
+    def _state_error(self, e: StateError) -> None:
+        self.last_error = str(e)
+        log.error("%s/%s: %s", self.res.name, self.name, e)
+        self.res.events.emit(resource=self.res.name, target=self.name, what="error", text=str(e))
+
     def set_state(self, state: str, why: str = "") -> None:
         assert state in STATES, state
         if state != self.state:
@@ -160,7 +178,7 @@ class Link:
 
     def set_admin(self, admin: str) -> None:
         self.saved["admin"] = admin
-        _json_save(self.state_path, self.saved)
+        save_json(self.state_path, self.saved)
         self.wake.set()  # the sender stops at a record boundary (_pause)
 
     def status(self) -> dict[str, Any]:
@@ -227,6 +245,11 @@ class Link:
             while True:
                 msg = conn.recv_message()
                 if isinstance(msg, P.Ack):
+                    if msg.ring_seq > self.sent_max:
+                        # P2: an ack for records this connection never sent (an earlier
+                        # connection's, or an earlier boot's) must not release a writer
+                        raise ProtocolError(f"target acknowledged record {msg.ring_seq}, but this "
+                                            f"connection sent records only up to {self.sent_max}")
                     with self.cond:
                         self.ack = max(self.ack, msg.ring_seq)
                         if msg.durable:
@@ -243,7 +266,9 @@ class Link:
                     raise ProtocolError(f"target reported: {msg.text}")
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} from the target")
-        except (OSError, ReplError) as e:
+        except Exception as e:
+            if not isinstance(e, (OSError, ReplError)):
+                log.exception("%s/%s: receiver: internal error", self.res.name, self.name)
             if self.conn is conn:
                 self._drop(f"connection lost: {e}")
             self.wake.set()
@@ -251,6 +276,20 @@ class Link:
                 ev.set()
 
     def _run(self) -> None:
+        """The link's thread: a bug in it fails this target (state `failed`, retried every
+        FAILED_RETRY seconds), never the other targets or the daemon."""
+        while not self.res.stopping.is_set():
+            try:
+                self._loop()
+            except Exception as e:
+                log.exception("%s/%s: link: internal error", self.res.name, self.name)
+                if self.conn is not None:
+                    self._drop(f"internal error: {e!r}")
+                self.last_error = f"internal error: {e!r} (retried in {FAILED_RETRY:g} s)"
+                self.set_state("failed", self.last_error)
+                self.res.stopping.wait(FAILED_RETRY)
+
+    def _loop(self) -> None:
         if self.mode is TargetMode.ASYNC:
             # P4: an async target never slows the primary, nor does the CPU that feeds it
             try:
@@ -276,6 +315,7 @@ class Link:
                 self.wake.clear()
                 continue
             self.last_error = None
+            self.sent_max = 0
             self.conn = conn
             threading.Thread(target=self._receiver, args=(conn,), daemon=True,
                              name=f"recv-{self.res.name}-{self.name}").start()
@@ -395,6 +435,7 @@ class Link:
             n += 1
             seq += 1
         if frames:
+            self.sent_max = seq - 1  # before: the target may ack the first frames at once
             conn.send_batch(frames)
             self.bytes_sent += size
             self.pos = seq
@@ -468,10 +509,9 @@ class SourceResource(_Resource):
         self.chunk_bytes = cfg.chunk_size
         self.chunk_sectors = cfg.chunk_size // SECTOR
         self.nr_chunks = -(-self.size // self.chunk_bytes)
-        self.gen = _json_load(self.state_dir / "generation.json", {})
-        if "current" not in self.gen:
-            self.gen = {"current": secrets.randbits(63) | 1, "history": []}
-            _json_save(self.state_dir / "generation.json", self.gen)
+        remove_stale_temporaries(self.state_dir)
+        self.gen_path = self.state_dir / "generation.json"
+        self.gen = load_json(self.gen_path, {}, action=GENERATION_ACTION, check=_check_generation)
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.engine_wake = threading.Event()
@@ -485,6 +525,8 @@ class SourceResource(_Resource):
         self.sync_on = False
         self.released = 0
         self.verifying: dict[str, VerifyProgress] = {}  # target -> its running verify
+        self.failed: str | None = None  # why the engine stopped for good (state `failed`)
+        self.pending_clean: tuple[int, frozenset[str]] | None = None  # (mark, absorbed links)
 
     def generations(self) -> P.Generations:
         return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
@@ -498,14 +540,44 @@ class SourceResource(_Resource):
         return dm.Target(0, sectors, "repl", f"{self.data_dev} {self.meta_dev} {self.chunk_sectors} "
                          f"4 ring_mb {ring_mb} sync_timeout_ms {timeout_ms}")
 
+    def _bind_generation(self, md_uuid: str) -> None:
+        """Tie the data generation to the metadata superblock (P6, issue 10 item 9).
+
+        A superblock with another uuid than the one the generation was made with means the
+        metadata was formatted anew: the data device was replaced or restored, so that neither
+        the kernel's bitmap nor the targets' OOS bitmaps say what differs. A new generation
+        starts (the old one goes to the history), and every target gets a full sync.
+        """
+        if "current" not in self.gen:
+            self.gen = {"current": secrets.randbits(63) | 1, "history": [], "md_uuid": md_uuid}
+            save_json(self.gen_path, self.gen)
+            return
+        old = self.gen.get("md_uuid")
+        if old == md_uuid:
+            return
+        if old is not None:
+            text = (f"metadata {self.meta_dev} has uuid {md_uuid}, the generation was made with "
+                    f"{old}: the metadata was formatted anew, so the data may differ anywhere; "
+                    "new data generation, every target gets a full sync")
+            log.warning("%s: %s", self.name, text)
+            self.events.emit(resource=self.name, what="new_generation", text=text)
+            history = [int(self.gen["current"]), *self.gen.get("history", [])][:P.MAX_HISTORY]
+            self.gen = {"current": secrets.randbits(63) | 1, "history": history}
+            for link in self.links.values():
+                link.oos.set_all()
+                link.oos.save()
+        self.gen["md_uuid"] = md_uuid
+        save_json(self.gen_path, self.gen)
+
     def start(self) -> None:
+        sb = metadata.read_superblock(self.meta_dev)
+        if sb is None:
+            raise ReplError(f"resource {self.name}: metadata device {self.meta_dev} is not "
+                            f"formatted: run `repctl create-md {self.name}` first")
+        self._bind_generation(sb.uuid)
         with dm.DMControl() as ctl:
             names = {d.name for d in ctl.list_devices()}
             if self.name not in names:
-                sb = metadata.read_superblock(self.meta_dev)
-                if sb is None:
-                    raise ReplError(f"resource {self.name}: metadata device {self.meta_dev} is not "
-                                    f"formatted: run `repctl create-md {self.name}` first")
                 dm.create_device(self.name, [self._table()], ctl=ctl)
         self.consumer = Consumer(self.dev_path, sync=False)  # sync once a sync target joins
         # O_DIRECT: a filesystem's data writes bypass the block device's page
@@ -550,9 +622,13 @@ class SourceResource(_Resource):
         if buf is None or len(buf) < length:
             buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))
         view = memoryview(buf)[:length]
-        got = os.preadv(self.read_fd, [view], off)
-        if got != length:
-            raise ReplError(f"{self.dev_path}: short read at {off}")
+        got = 0
+        while got < length:  # a read may return less than asked: go on from where it stopped
+            n = os.preadv(self.read_fd, [view[got:got + READ_PIECE]], off + got)
+            if n <= 0:
+                raise ReplError(f"{self.dev_path}: read at {off + got} ended early ({got} of "
+                                f"{length} bytes)")
+            got += n
         return view
 
     # -- joining the stream (engine thread) ------------------------------
@@ -578,6 +654,10 @@ class SourceResource(_Resource):
         return mark
 
     def _engine(self) -> None:
+        """The engine's thread. An OSError or ReplError is retried each second; anything else
+        is a bug: the resource goes to state `failed`, the consumer detaches (the kernel goes on
+        serving I/O and tracks every change in its bitmap, P5) and the targets stop, until
+        `repctl down` and `up`."""
         while not self.stopping.is_set():
             try:
                 self._cycle()
@@ -585,14 +665,49 @@ class SourceResource(_Resource):
                 log.exception("%s: engine: %s", self.name, e)
                 self.events.emit(resource=self.name, what="error", text=str(e))
                 time.sleep(1)
+            except Exception as e:
+                self._fail(f"engine: internal error: {e!r}")
+                return
             self.engine_wake.wait(0.05)
             self.engine_wake.clear()
+
+    def _fail(self, why: str) -> None:
+        log.exception("%s: %s: the resource has failed", self.name, why)
+        self.failed = why
+        self.events.emit(resource=self.name, what="failed", text=why)
+        self.stopping.set()  # the links stop
+        for link in self.links.values():
+            link.wake.set()
+            if link.conn is not None:
+                link.conn.close()
+        for link in self.links.values():
+            if link.thread.is_alive():
+                link.thread.join(5)  # none still reads the ring
+        try:
+            self.consumer.close()  # detached: the kernel tracks writes in its bitmap
+        except Exception:
+            log.exception("%s: cannot detach the consumer", self.name)
+
+    def _quiesce(self, link: Link) -> None:
+        """Wait until `link` reads no ring record; cut its connection if its sender is stuck in a
+        send (a target that stopped reading must not hold back the others, item 7)."""
+        if link.send_lock.acquire(timeout=LOCK_WAIT):
+            link.send_lock.release()
+            return
+        log.warning("%s/%s: the sender is stuck for %g s: connection cut", self.name, link.name,
+                    LOCK_WAIT)
+        conn = link.conn
+        if conn is not None:
+            conn.close()
+        with link.send_lock:
+            pass
 
     def _cycle(self) -> None:
         st = self.consumer.state()
         self.kstate = st
         links = list(self.links.values())
         if not st.streaming:
+            self.pending_clean = None  # the new ring's absorb covers it
             # not started yet, or fell behind: every target takes the kernel's
             # bitmap into its own, and a new ring starts
             if st.reason not in ("no_consumer", "detached") or st.stream_start:
@@ -602,8 +717,7 @@ class SourceResource(_Resource):
                     link.joined = False
                     link.join_wanted = link.join_wanted or link.conn is not None
             for link in links:
-                with link.send_lock:
-                    pass  # no sender is still reading the old ring
+                self._quiesce(link)  # no sender is still reading the old ring
             self.consumer.start_stream()
             mark = self._absorb(links)
             # every target holds everything before the mark in its own bitmap
@@ -641,18 +755,20 @@ class SourceResource(_Resource):
         except RingError as e:
             log.debug("%s: ack/release: %s", self.name, e)
 
-        # an async target that holds most of the ring falls behind (P4)
-        if st.ring_used > LAG_FRACTION * st.ring_bytes:
-            for l in joined:
-                if l.mode is TargetMode.ASYNC and l.ack < st.published and l.ack == min(x.ack for x in joined):
-                    log.warning("%s/%s: async target lags %d records: falls behind into its bitmap",
-                                self.name, l.name, st.published - l.ack)
-                    with self.lock:
-                        l.joined = False
-                    with l.send_lock:
-                        pass  # its records in flight are sent before others may ack past them
-                    self.join(l)
-                    l.wake.set()
+        # an async target whose backlog passes its max_lag falls behind (P4): the oldest
+        # unacknowledged record is the laggiest target's, so the ring in use is its backlog
+        oldest = min((x.ack for x in joined), default=st.published)
+        for l in joined:
+            if (l.mode is TargetMode.ASYNC and l.ack < st.published and l.ack == oldest
+                    and st.ring_used > l.max_lag):
+                log.warning("%s/%s: async target lags %d records, %d bytes (max_lag %d): falls "
+                            "behind into its bitmap", self.name, l.name, st.published - l.ack,
+                            st.ring_used, l.max_lag)
+                with self.lock:
+                    l.joined = False
+                self._quiesce(l)  # its records in flight are sent before others may ack past them
+                self.join(l)
+                l.wake.set()
 
         if time.monotonic() - self.last_clean >= CLEAN_INTERVAL:
             self.last_clean = time.monotonic()
@@ -672,20 +788,26 @@ class SourceResource(_Resource):
                 link.wake.set()
 
     def _clean_cycle(self, links: list[Link]) -> None:
-        if not self.kstate or not self.kstate.dirty_chunks:
-            return
+        """MARK now, CLEAN later: once every target holds what came before the mark, durably
+        or in its OOS. Never waits: a slow target only delays the clean, not the others' acks."""
+        if self.pending_clean is None:
+            if not self.kstate or not self.kstate.dirty_chunks:
+                return
+            with self.lock:
+                outside = [l for l in links if not l.joined]
+            mark = self._absorb(outside)
+            self.pending_clean = (mark, frozenset(l.name for l in outside))
+        mark, absorbed = self.pending_clean
         with self.lock:
-            outside = [l for l in links if not l.joined]
-        mark = self._absorb(outside)
-        deadline = time.monotonic() + 2.0
-        for l in links:
-            with l.cond:
-                while l.joined and l.durable < mark - 1 and time.monotonic() < deadline:
-                    l.cond.wait(0.1)
-                if l.joined and l.durable < mark - 1:
-                    return  # try again next cycle
-                if not l.joined and l not in outside:
-                    return  # left the stream meanwhile: absorb it next cycle
+            for l in links:
+                if l.name in absorbed:
+                    continue  # its OOS holds everything before the mark
+                if not l.joined:
+                    self.pending_clean = None  # left the stream since: absorb it next cycle
+                    return
+                if l.durable < mark - 1:
+                    return  # not yet: look again next cycle
+        self.pending_clean = None
         self.consumer.clean(mark)
 
     # -- admin -------------------------------------------------------
@@ -697,6 +819,10 @@ class SourceResource(_Resource):
                             f"(targets: {', '.join(self.links)})") from None
 
     def status(self) -> dict[str, Any]:
+        if self.failed is not None:
+            return {"name": self.name, "role": "source", "device": self.dev_path, "state": "failed",
+                    "last_error": self.failed, "size": self.size,
+                    "targets": [self._target_status(l) for l in self.links.values()]}
         st = self.kstate
         kernel = None
         if st is not None:
@@ -752,7 +878,8 @@ class SourceResource(_Resource):
                 break
         differing: set[int] = set()
         chunk_list = list(chunks)
-        step = 4096
+        # at most MAX_CSUM_BYTES of chunks per request: the target reads them in one go
+        step = max(1, min(4096, P.MAX_CSUM_BYTES // self.chunk_bytes))
         i = 0
         while i < len(chunk_list):
             first = chunk_list[i]
@@ -794,20 +921,38 @@ class SourceResource(_Resource):
 
 
 class TargetResource(_Resource):
-    """A resource this node is a target of: listen, authenticate, apply in order."""
+    """A resource this node is a target of: listen, authenticate, apply in order.
+
+    The listener thread only accepts; each connection is handled in a thread of its own, so that
+    a peer that never finishes its handshake holds nothing but its own thread, for at most the
+    handshake's deadline. One authenticated source connection at a time: a second one is refused
+    with BUSY.
+    """
 
     def __init__(self, daemon: Daemon, cfg: Resource):
         super().__init__(daemon, cfg)
-        self.saved = _json_load(self.state_dir / "target.json", {"current": 0, "history": [], "consistent": True})
+        self.state_path = self.state_dir / "target.json"
+        self.last_error: str | None = None
+        try:
+            self.saved = load_json(self.state_path, {"current": 0, "history": [], "consistent": True},
+                                   action=TARGET_STATE_ACTION, check=_check_target_state)
+        except StateError as e:
+            # never trust a copy whose state is unknown: no generation, inconsistent: a full sync
+            self.saved = {"current": 0, "history": [], "consistent": False}
+            self.last_error = f"{e} (taken as inconsistent: the source resyncs everything)"
+            log.error("%s: %s", self.name, self.last_error)
+            _set_aside(self.state_path)
+            self._save()
         self.device = str(cfg.nodes[self.node].device)
         self.store: Store | None = None
         self.listener: socket.socket | None = None
         self.stopping = threading.Event()
         self.conn: P.FramedConnection | None = None
+        self.conn_lock = threading.Lock()  # guards conn and pending
+        self.pending = 0  # connections still in their handshake
+        self.handlers: set[threading.Thread] = set()
         self.state = "disconnected"
         self.bytes_received = 0
-        self.last_seq = 0
-        self.last_error: str | None = None
         self.thread = threading.Thread(target=self._listen, name=f"listen-{self.name}", daemon=True)
 
     def start(self) -> None:
@@ -820,10 +965,14 @@ class TargetResource(_Resource):
 
     def stop(self, remove: bool = False) -> None:
         self.stopping.set()
-        if self.conn is not None:
-            self.conn.close()
+        with self.conn_lock:
+            conn = self.conn
+        if conn is not None:
+            conn.close()
         if self.thread.is_alive():
             self.thread.join(5)
+        for t in list(self.handlers):
+            t.join(5)
         if self.listener is not None:
             self.listener.close()
         if self.store is not None:
@@ -831,7 +980,7 @@ class TargetResource(_Resource):
         self.events.emit(resource=self.name, what="down")
 
     def _save(self) -> None:
-        _json_save(self.state_dir / "target.json", self.saved)
+        save_json(self.state_path, self.saved)
 
     def _set_state(self, state: str, why: str = "") -> None:
         if state != self.state:
@@ -846,24 +995,67 @@ class TargetResource(_Resource):
             except TimeoutError:
                 continue
             except OSError:
-                return
-            if self.conn is not None:
-                # one source at a time; the handshake refuses with BUSY
-                threading.Thread(target=self._refuse_busy, args=(sock,), daemon=True).start()
+                if self.stopping.is_set():
+                    return
+                time.sleep(0.1)  # EMFILE and the like: never end the listener
                 continue
-            try:
-                self._serve(sock, peer)
-            except (OSError, ReplError) as e:
-                self.last_error = str(e)
-                log.warning("%s: connection from %s: %s", self.name, peer[0], e)
-            finally:
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
-                self._set_state("disconnected")
+            with self.conn_lock:
+                if self.pending >= MAX_PENDING_HANDSHAKES:
+                    sock.close()  # a flood of unauthenticated connections: shed them
+                    log.warning("%s: %d handshakes pending: closed a connection from %s",
+                                self.name, self.pending, peer[0])
+                    continue
+                self.pending += 1
+            t = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
+                                 name=f"conn-{self.name}-{peer[0]}:{peer[1]}")
+            self.handlers.add(t)
+            t.start()
 
-    def _refuse_busy(self, sock: socket.socket) -> None:
-        sock.close()
+    def _handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """One connection, from its handshake to its end. Nothing it raises escapes: every other
+        connection, and the listener, go on."""
+        conn = P.FramedConnection(sock)
+        claimed = False
+
+        def claim(info: P.PeerInfo) -> None:
+            nonlocal claimed
+            with self.conn_lock:
+                if self.conn is not None:
+                    raise HandshakeRefused(P.RefuseReason.BUSY,
+                                           f"resource {self.name} on {self.node} is already "
+                                           f"connected to its source {info.node}")
+                self.conn = conn
+                claimed = True
+
+        try:
+            _tune(sock)
+            try:
+                info = P.handshake(conn, self._local_info(), self.secret,
+                                   P.Expect(frozenset({self.cfg.source}), claim))
+            finally:
+                with self.conn_lock:
+                    self.pending -= 1
+            self.last_error = None
+            self._serve(conn, info)
+        except HandshakeRefused as e:
+            self.last_error = f"refused {peer[0]}: {e}"
+            log.warning("%s: refused connection from %s: %s", self.name, peer[0], e)
+        except (OSError, ReplError) as e:
+            self.last_error = f"connection from {peer[0]}: {e}"
+            log.warning("%s: connection from %s: %s", self.name, peer[0], e)
+        except Exception as e:  # a bug: this connection ends, the listener and the rest go on
+            self.last_error = f"connection from {peer[0]}: internal error: {e!r}"
+            log.exception("%s: connection from %s: internal error", self.name, peer[0])
+            with contextlib.suppress(OSError, ReplError):
+                conn.send_message(P.Error(P.ErrorCode.INTERNAL, f"internal error: {e!r}"))
+        finally:
+            conn.close()
+            if claimed:
+                with self.conn_lock:
+                    if self.conn is conn:
+                        self.conn = None
+                self._set_state("disconnected")
+            self.handlers.discard(threading.current_thread())
 
     def _local_info(self) -> P.HandshakeInfo:
         assert self.store is not None
@@ -872,24 +1064,16 @@ class TargetResource(_Resource):
                                generations=P.Generations(int(self.saved["current"]),
                                                          tuple(self.saved["history"])))
 
-    def _serve(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve(self, conn: P.FramedConnection, info: P.PeerInfo) -> None:
         store = self.store
         assert store is not None
-        _tune(sock)
-        conn = P.FramedConnection(sock)
-        try:
-            info = P.handshake(conn, self._local_info(), self.secret, P.Expect(frozenset({self.cfg.source})))
-        except ReplError as e:
-            self.last_error = f"refused {peer[0]}: {e}"
-            log.warning("%s: refused connection from %s: %s", self.name, peer[0], e)
-            conn.close()
-            return
-        self.conn = conn
-        self.last_error = None
+        sock = conn.sock
         source_gen = info.generations
         self._set_state("streaming", f"source {info.node} connected")
         chunk = self.cfg.chunk_size
-        applied = acked = self.last_seq
+        # ring sequence numbers belong to this connection: nothing of it is applied yet, and an
+        # ack never speaks of records an earlier connection (or an earlier boot) sent
+        applied = acked = 0
         # a sync source's writers wait for durable acks: flush per FLUSH_BYTES of records
         sync = self.cfg.targets[self.node].mode is TargetMode.SYNC
         dirty = False
@@ -905,20 +1089,24 @@ class TargetResource(_Resource):
                 dirty, record_bytes = False, 0
                 last_flush = last_ack = now
                 acked = applied
-                conn.send_message(P.Ack(applied, durable=True))
+                if applied:
+                    conn.send_message(P.Ack(applied, durable=True))
             elif applied > acked and now - last_ack > 0.005:
                 acked, last_ack = applied, now
                 conn.send_message(P.Ack(applied, durable=False))
             frame = conn.recv()
             msg = P.decode(frame.type, frame.payload)
             if isinstance(msg, P.Record):
+                if msg.ring_seq <= applied:
+                    raise ProtocolError(f"record {msg.ring_seq} after record {applied}: "
+                                        "records must come in ring order")
                 end = msg.sector * SECTOR + msg.length
                 if end > store.size:
                     raise ProtocolError(f"record {msg.ring_seq} ends at byte {end}, past the device")
                 store.apply(msg.op.name.lower(), msg.sector, msg.length, msg.data,
                             bool(msg.flags & P.RecordFlags.FUA))
                 self.bytes_received += msg.length if msg.op is P.RecordOp.WRITE else 0
-                applied = self.last_seq = msg.ring_seq
+                applied = msg.ring_seq
                 dirty = True
                 record_bytes += msg.length
             elif isinstance(msg, P.ResyncChunk):
@@ -946,18 +1134,35 @@ class TargetResource(_Resource):
             elif isinstance(msg, P.Pause):
                 store.flush()
                 dirty, record_bytes = False, 0
-                conn.send_message(P.Ack(applied, durable=True))
+                acked = applied
+                if applied:
+                    conn.send_message(P.Ack(applied, durable=True))
                 self._set_state("paused", "paused by the source")
             elif isinstance(msg, P.CsumRequest):
-                end = min(msg.first + msg.count, -(-store.size // chunk))
-                data = store.read(msg.first * chunk, (end - msg.first) * chunk)
-                digests = tuple(msg.algorithm.digest(data[i * chunk:(i + 1) * chunk])
-                                for i in range(end - msg.first))
-                conn.send_message(P.CsumReply(msg.first, digests, msg.algorithm))
+                conn.send_message(self._checksums(msg))
             elif isinstance(msg, P.Error):
                 raise ProtocolError(f"source reported: {msg.text}")
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
+
+    def _checksums(self, msg: P.CsumRequest) -> P.CsumReply:
+        """The digests a CSUM_REQUEST asks for, read in bounded pieces."""
+        store = self.store
+        assert store is not None
+        chunk = self.cfg.chunk_size
+        if msg.count * chunk > P.MAX_CSUM_BYTES:
+            raise ProtocolError(f"CSUM_REQUEST for {msg.count} chunks of {chunk} bytes: at most "
+                                f"{P.MAX_CSUM_BYTES} bytes per request")
+        end = min(msg.first + msg.count, -(-store.size // chunk))
+        digests = []
+        c = msg.first
+        per_read = max(1, READ_PIECE // chunk)
+        while c < end:
+            n = min(per_read, end - c)
+            data = store.read(c * chunk, n * chunk)
+            digests += [msg.algorithm.digest(data[i * chunk:(i + 1) * chunk]) for i in range(n)]
+            c += n
+        return P.CsumReply(msg.first, tuple(digests), msg.algorithm)
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "role": "target", "device": self.device, "source": self.cfg.source,
@@ -968,18 +1173,52 @@ class TargetResource(_Resource):
                 "targets": []}
 
 
+def _check_target_state(data: dict[str, Any]) -> str | None:
+    try:
+        P.Generations(int(data["current"]), tuple(int(g) for g in data["history"]))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"no valid generations ({e!r})"
+    if not isinstance(data.get("consistent"), bool):
+        return "no valid 'consistent' flag"
+    return None
+
+
+def _set_aside(path: Path) -> None:
+    """Keep a corrupt state file for the administrator, out of the daemon's way."""
+    with contextlib.suppress(OSError):
+        os.replace(path, path.with_name(f"{path.name}.corrupt-{int(time.time())}"))
+
+
+def _check_generation(data: dict[str, Any]) -> str | None:
+    if not data:
+        return None  # an empty object: no generation yet
+    try:
+        P.Generations(int(data["current"]), tuple(int(g) for g in data.get("history", ())))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"no valid generations ({e!r})"
+    if int(data["current"]) == 0:
+        return "current generation 0 (a source always has one)"
+    if not isinstance(data.get("md_uuid", ""), str):
+        return "md_uuid is not a string"
+    return None
+
+
 def _readable(sock: socket.socket) -> bool:
     r, _, _ = select.select([sock], [], [], 0)
     return bool(r)
 
 
 def _tune(sock: socket.socket) -> None:
-    """No Nagle delay for acks; keepalives so that a dead peer is noticed within ~10 s."""
+    """No Nagle delay for acks; keepalives so that a dead peer is noticed within ~10 s; a send
+    timeout (TCP_USER_TIMEOUT) for a peer that stops reading."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 4)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    # a peer that takes no data (dead, or alive and not reading: zero window) ends the
+    # connection after this long, so a blocked send never holds a link's lock forever
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, SEND_TIMEOUT_MS)
 
 
 # ------------------------------------------------------------------ the daemon
@@ -994,6 +1233,7 @@ class Daemon:
         self.events = Events()
         self.node = self._find_node(config, node)
         self.resources: dict[str, SourceResource | TargetResource] = {}
+        self.failed: dict[str, str] = {}  # resources that could not come up, and why
 
     @staticmethod
     def _find_node(config: Config, node: str | None) -> str:
@@ -1018,9 +1258,12 @@ class Daemon:
             if self.node in cfg.nodes:
                 try:
                     self.up(name)
-                except ReplError as e:
+                except Exception as e:  # one resource's trouble never keeps the others down
+                    if not isinstance(e, ReplError):
+                        log.exception("%s: cannot bring up", name)
                     log.error("%s: cannot bring up: %s", name, e)
-                    self.events.emit(resource=name, what="error", text=str(e))
+                    self.failed[name] = str(e)
+                    self.events.emit(resource=name, what="failed", text=str(e))
 
     def stop(self) -> None:
         for res in list(self.resources.values()):
@@ -1049,8 +1292,14 @@ class Daemon:
         res = self._make(resource)
         if res is None:
             raise ReplError(f"resource {resource}: node {self.node} is neither its source nor a target")
-        res.start()
+        try:
+            res.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                res.stop()
+            raise
         self.resources[resource] = res
+        self.failed.pop(resource, None)
         return f"{resource} is up as {'source' if isinstance(res, SourceResource) else 'target'}"
 
     def down(self, resource: str) -> str:
@@ -1091,7 +1340,12 @@ class Daemon:
         return self._source(resource).verify(target)
 
     def status(self) -> dict[str, Any]:
-        return {"node": self.node, "resources": [r.status() for r in self.resources.values()]}
+        failed = [{"name": name, "role": self._role(name), "state": "failed", "last_error": why,
+                   "targets": []} for name, why in self.failed.items() if name not in self.resources]
+        return {"node": self.node, "resources": [r.status() for r in self.resources.values()] + failed}
+
+    def _role(self, name: str) -> str:
+        return "source" if self.config.resource(name).source == self.node else "target"
 
     def subscribe(self) -> queue.Queue[dict[str, Any]]:
         return self.events.subscribe()

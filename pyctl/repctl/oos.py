@@ -1,23 +1,27 @@
 """A target's persistent out-of-sync bitmap, kept by the source's daemon.
 
 One bit per chunk: set means the target may lack the chunk's current data.
-The file is replaced atomically (write, fsync, rename, fsync of the folder),
-so that after a crash it is either the old or the new bitmap: P2 holds as
-long as bits are set here before the kernel is allowed to forget them.
+The file is replaced atomically (repctl.statefile: a temporary file of its
+own, fsync, rename, fsync of the folder), so that after a crash it is either
+the old or the new bitmap: P2 holds as long as bits are set here before the
+kernel is allowed to forget them.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from repctl.statefile import StateError, atomic_write
 
 
 class OOSBitmap:
     """In-memory bitmap backed by a file; ``save()`` makes the current bits durable."""
 
-    def __init__(self, path: Path, nr_chunks: int):
+    def __init__(self, path: Path, nr_chunks: int, *, action: str = "remove it to resync everything"):
+        """Load the bitmap in `path` if it exists; StateError (with `action`) if it has not the
+        size that `nr_chunks` needs."""
         self.path = path
         self.nr_chunks = nr_chunks
         self.lock = threading.Lock()
@@ -28,7 +32,8 @@ class OOSBitmap:
         if self.existed:
             data = path.read_bytes()
             if len(data) != len(self._bits):
-                raise ValueError(f"{path}: holds {len(data)} bytes, expected {len(self._bits)}")
+                raise StateError(path, f"holds {len(data)} bytes, a bitmap of {nr_chunks} chunks "
+                                 f"has {len(self._bits)}", action)
             self._bits[:] = data
 
     def count(self) -> int:
@@ -90,16 +95,4 @@ class OOSBitmap:
     def _save(self) -> None:
         with self.lock:
             data = bytes(self._bits)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, data)

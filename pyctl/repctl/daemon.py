@@ -534,9 +534,9 @@ class SourceResource(_Resource):
     # -- device --------------------------------------------------------
     def _table(self) -> dm.Target:
         sectors = self.size // SECTOR
-        ring_mb = min(max(1, self.cfg.ring_size >> 20), 4096)
-        # the kernel takes 100 ms .. 10 min (dm-repl.rst); the config is validated wider
-        timeout_ms = min(max(100, int(self.cfg.sync_timeout * 1000)), 600_000)
+        # the config accepts exactly the kernel's ranges (whole MiB, 100 ms .. 10 min)
+        ring_mb = self.cfg.ring_size >> 20
+        timeout_ms = round(self.cfg.sync_timeout * 1000)
         return dm.Target(0, sectors, "repl", f"{self.data_dev} {self.meta_dev} {self.chunk_sectors} "
                          f"4 ring_mb {ring_mb} sync_timeout_ms {timeout_ms}")
 

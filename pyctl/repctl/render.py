@@ -49,6 +49,7 @@ STATE_STYLES: Mapping[str, str] = {
     "behind": "yellow",
     "paused": "blue",
     "disconnected": "red",
+    "failed": "bold red",
 }
 
 

@@ -10,6 +10,8 @@
 #   bench/replicate_bench.py     a source and a target daemon in two network namespaces:
 #                                initial sync against a raw socket copy, streaming against
 #                                dm-linear (ram0-ram3), docs/benchmarks-replication.md
+#   bench/frame_bench.py         the per-frame MAC against crc-only frames over a socketpair
+#                                (with --replicate-only too)
 # A first argument --target-only or --replicate-only runs one of the two.
 #
 # Exit status: non-zero when something failed (a device, fio, the consumer). A missed
@@ -66,6 +68,7 @@ if [ "$which" != target ]; then
     results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/replicate
     mkdir -p "$results"
     "$py" bench/replicate_bench.py --results "$results" || rc=$?
+    "$py" bench/frame_bench.py || rc=$?
 fi
 
 # Free the RAM disks (the devices on them are gone); not being able to is not a failure.

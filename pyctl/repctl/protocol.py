@@ -979,6 +979,9 @@ class CsumReply(Message):
 
 
 MAX_CSUM_CHUNKS = (MAX_PAYLOAD - CsumReply.LAYOUT.size) // 32
+# The most data one CSUM_REQUEST may cover (count x chunk size): the target refuses more, so a
+# request never makes it read gigabytes at once.
+MAX_CSUM_BYTES = 64 << 20
 
 _DECODERS: dict[FrameType, Callable[[memoryview, FrameType], Message]] = {
     FrameType.HELLO: Hello.decode,

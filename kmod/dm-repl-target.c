@@ -478,6 +478,33 @@ static bool unpark(struct repl_c *rc)
 	return any;
 }
 
+/*
+ * rc->lock held; io, in the ring, failed on the data device and has just
+ * left the in-flight list, so no consumer can have read its record yet
+ * (published was below its seq).  The record never reaches a target as the
+ * operation it was: it becomes a NOOP without data.
+ *
+ * An unsupported discard or write-zeroes changed nothing (the caller may fall
+ * back to writes): the stream goes on past the NOOP.  Any other failure may
+ * have left anything in the chunks, which stay dirty: the ring ends before
+ * the record, so that a consumer reads the writes up to the failure, in
+ * order, and the target falls behind (reason io_error), also when it was
+ * already tracking; a resync then copies what the device really holds.
+ */
+static void drop_failed_record(struct repl_c *rc, struct repl_io *io, blk_status_t error,
+			       struct list_head *release)
+{
+	struct repl_rec *rec = &rc->descs[io->seq % rc->desc_count];
+	enum req_op op = bio_op(io->bio);
+
+	rec->op = REPL_OP_NOOP;
+	rec->data_len = 0;	/* data_off stays: it tells the ring's tail */
+	if (error == BLK_STS_NOTSUPP && (op == REQ_OP_DISCARD || op == REQ_OP_WRITE_ZEROES))
+		return;
+	rc->ring_end = min(rc->ring_end, io->seq);
+	fall_behind(rc, REPL_REASON_IO_ERROR, release);
+}
+
 static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error)
 {
 	struct repl_c *rc = ti->private;
@@ -509,18 +536,8 @@ static int repl_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *erro
 		return DM_ENDIO_INCOMPLETE;
 	}
 	list_del_init(&io->list);
-	if (*error == BLK_STS_NOTSUPP && io->in_ring &&
-	    (bio_op(bio) == REQ_OP_DISCARD || bio_op(bio) == REQ_OP_WRITE_ZEROES)) {
-		/* unsupported: nothing changed (the caller may fall back to writes) */
-		rc->descs[io->seq % rc->desc_count].op = REPL_OP_NOOP;
-	} else if (*error && io->in_ring && rc->mode == REPL_MODE_STREAMING) {
-		/*
-		 * The data device failed the write: its record must not reach a
-		 * target as if it had been written.  Stop the ring here; the chunk
-		 * stays dirty and a resync copies what the device really holds.
-		 */
-		fall_behind(rc, REPL_REASON_IO_ERROR, &release);
-	}
+	if (*error && io->in_ring)
+		drop_failed_record(rc, io, *error, &release);
 	head = list_first_entry_or_null(&rc->inflight, struct repl_io, list);
 	rc->published = head ? head->seq - 1 : rc->next_seq - 1;
 	kick = unpark(rc);

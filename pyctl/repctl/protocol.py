@@ -1102,6 +1102,8 @@ def handshake(
         raise ProtocolError(
             f"handshake timed out: the peer did not finish it within {timeout:g} s"
         ) from None
+    except OSError as exc:  # e.g. reset by a peer that closed with our frames unread
+        raise ProtocolError(f"connection lost during the handshake: {exc}") from None
     finally:
         conn.deadline = None
         conn.max_payload = old_max

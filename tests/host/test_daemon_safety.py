@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def write_config(tmp: Path, *, data_size: int = SIZE, target_size: int = SIZE,
-                 chunk: int = CHUNK) -> Any:
+                 chunk: int = CHUNK, target: dict[str, Any] | None = None) -> Any:
     data, image = tmp / "data.img", tmp / "replica.img"
     for path, size in ((data, data_size), (image, target_size)):
         with open(path, "wb") as f:
@@ -57,7 +57,7 @@ def write_config(tmp: Path, *, data_size: int = SIZE, target_size: int = SIZE,
             "nodes": {"alpha": {"address": SRC_ADDR, "device": str(data),
                                 "metadata": str(tmp / "md.img")},
                       "beta": {"address": TGT_ADDR, "device": str(image)}},
-            "targets": {"beta": {"mode": "sync"}},
+            "targets": {"beta": target or {"mode": "sync"}},
         }},
     }))
     return load_config(cfg)
@@ -267,6 +267,15 @@ class FakeConsumer:
 
     def close(self) -> None:
         self.closed = True
+
+    def set_sync(self, on: bool) -> None:
+        pass
+
+    def ack(self, seq: int) -> None:
+        self.st.acked = seq
+
+    def release(self, seq: int) -> None:
+        pass
 
 
 def make_source(tmp: Path, **kw: Any) -> D.SourceResource:
@@ -530,3 +539,23 @@ def test_new_metadata_starts_a_new_generation_and_a_full_sync(tmp_path: Path) ->
     # and it is durable
     saved = json.loads((tmp_path / "st" / "r0" / "generation.json").read_text())
     assert saved["current"] == replaced.gen["current"]
+
+
+@pytest.mark.parametrize("ring_used, behind", [(64 << 10, False), ((64 << 10) + 1, True)])
+def test_an_async_target_past_max_lag_falls_behind(tmp_path: Path, ring_used: int,
+                                                    behind: bool) -> None:
+    """Item 10: max_lag was parsed but unused. An async target whose backlog (the ring bytes it
+    holds back) passes max_lag leaves the stream and is readmitted from a new mark, its backlog
+    absorbed into its out-of-sync bitmap; at max_lag or under it stays in the stream."""
+    res = make_source(tmp_path, target={"mode": "async", "max_lag": "64KiB"})
+    link = res.link("beta")
+    assert link.max_lag == 64 << 10
+    link.joined, link.ack, link.sent_max = True, 4, 4
+    res.consumer.st.ring_used = ring_used  # type: ignore[attr-defined]
+    res.last_clean = time.monotonic()  # no MARK/CLEAN cycle in this step
+    res._cycle()
+    assert link.joined is not behind
+    assert link.join_wanted is behind
+    if behind:
+        res._cycle()  # the next step readmits it from a new mark: a resync of its bitmap
+        assert link.joined and link.join_pos == 11 and link.ack == 10

@@ -843,13 +843,6 @@ def wait_for_bytes(sock: socket.socket, n: int) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConnectionResetError,
-    reason="handshake lets a bare ConnectionResetError (an OSError) out when the peer resets the "
-    "connection while the handshake waits for its next frame; the same loss while sending is "
-    "turned into ProtocolError('connection lost during the handshake')",
-)
 @pytest.mark.parametrize("role", list(p.Role), ids=lambda role: role.name)
 def test_handshake_turns_a_reset_by_the_peer_into_a_protocol_error(role):
     """The peer closes with our frames unread (as a crashed or killed peer does, or a reset on

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from repctl.daemon.state import LinkState
 from repctl.errors import ReplError
 
 __all__ = ["POLL_INTERVAL", "call_with_progress", "find_target", "wait_streaming"]
@@ -30,7 +31,7 @@ T = TypeVar("T")
 Status = Mapping[str, Any]
 
 #: States a target stays in until the administrator changes its setting (resume, connect).
-STOPPED = ("paused", "disconnected")
+STOPPED = (LinkState.PAUSED, LinkState.DISCONNECTED)
 
 
 def find_target(status: Status, resource: str, target: str) -> Mapping[str, Any] | None:
@@ -81,7 +82,7 @@ def _describe(t: Mapping[str, Any]) -> str:
         done, total = sync.get("done_bytes"), sync.get("total_bytes")
         if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
             state += f", {min(100.0, 100.0 * done / total):.1f}% done"
-    if t.get("last_error") and state == "connecting":
+    if t.get("last_error") and state == LinkState.CONNECTING:
         state += f", last error: {t['last_error']}"
     return state
 
@@ -137,12 +138,12 @@ def wait_streaming(
         for t in awaited:
             state = t.get("state")
             if state in STOPPED and _stopped_by_admin(t):
-                undo = "resume" if state == "paused" else "connect"
+                undo = "resume" if state == LinkState.PAUSED else "connect"
                 raise ReplError(
                     f"{resource}/{t.get('name')}: {state} by the administrator while waiting "
                     f"for it to stream (repctl {undo} {resource} {t.get('name')})"
                 )
-        pending = [t for t in awaited if t.get("state") != "streaming"]
+        pending = [t for t in awaited if t.get("state") != LinkState.STREAMING]
         if not pending:
             return names
         if deadline is not None:

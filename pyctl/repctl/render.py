@@ -19,6 +19,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from repctl.daemon.state import LinkState
+
 __all__ = [
     "STATUS_COLUMNS",
     "Bar",
@@ -43,13 +45,13 @@ MISSING = "-"
 
 #: Colour of each mirror state (docs/cli.md lists the states).
 STATE_STYLES: Mapping[str, str] = {
-    "streaming": "green",
-    "syncing": "cyan",
-    "connecting": "yellow",
-    "behind": "yellow",
-    "paused": "blue",
-    "disconnected": "red",
-    "failed": "bold red",
+    LinkState.STREAMING: "green",
+    LinkState.SYNCING: "cyan",
+    LinkState.CONNECTING: "yellow",
+    LinkState.BEHIND: "yellow",
+    LinkState.PAUSED: "blue",
+    LinkState.DISCONNECTED: "red",
+    LinkState.FAILED: "bold red",
 }
 
 
@@ -365,8 +367,8 @@ def sync_bar(t: Mapping[str, Any]) -> Bar:
     """The bar of a target awaited until it streams, from its entry in the status document:
     ``syncing 1.0 GiB of 4.0 GiB  47.7 MiB/s  ETA 1m04s``."""
     state = str(t.get("state") or "?")
-    if state == "streaming":
-        return Bar(1, 1, "streaming")
+    if state == LinkState.STREAMING:
+        return Bar(1, 1, LinkState.STREAMING)
     sync = t.get("sync")
     if isinstance(sync, Mapping):
         done, total = _num(sync.get("done_bytes")) or 0.0, _num(sync.get("total_bytes"))
@@ -377,7 +379,7 @@ def sync_bar(t: Mapping[str, Any]) -> Bar:
     text = state
     if t.get("out_of_sync_bytes"):
         text += f", {human_bytes(t['out_of_sync_bytes'])} out of sync"
-    if state == "connecting" and t.get("last_error"):
+    if state == LinkState.CONNECTING and t.get("last_error"):
         text += f" (last error: {t['last_error']})"
     return Bar(0, None, text)
 

@@ -21,6 +21,10 @@ from typing import Any
 import pytest
 import yaml
 from repctl import daemon as D
+from repctl.daemon import base as B
+from repctl.daemon import source as S
+from repctl.daemon import target as T
+from repctl.daemon.state import Admin, LinkState
 from repctl import protocol as P
 from repctl import statefile
 from repctl.config import load_config
@@ -173,8 +177,8 @@ def test_a_second_source_connection_is_refused_busy(target: Target) -> None:
 def test_a_flood_of_unauthenticated_connections_is_shed(target: Target) -> None:
     socks = [socket.create_connection((TGT_ADDR, target.cfg.port)) for _ in range(20)]
     try:
-        until(lambda: target.res.pending <= D.MAX_PENDING_HANDSHAKES, "pending handshakes capped")
-        assert target.res.pending <= D.MAX_PENDING_HANDSHAKES
+        until(lambda: target.res.pending <= T.MAX_PENDING_HANDSHAKES, "pending handshakes capped")
+        assert target.res.pending <= T.MAX_PENDING_HANDSHAKES
     finally:
         for s in socks:
             s.close()
@@ -339,7 +343,7 @@ def test_state_files_never_share_a_temporary_file(tmp_path: Path) -> None:
             errors.append(e)
 
     threads = [threading.Thread(target=loop, args=(link.oos.save,)),
-               threading.Thread(target=loop, args=(lambda: link.set_admin("up"),))]
+               threading.Thread(target=loop, args=(lambda: link.set_admin(Admin.UP),))]
     for t in threads:
         t.start()
     for t in threads:
@@ -441,7 +445,7 @@ def test_a_stuck_sender_is_cut_not_waited_for(tmp_path: Path) -> None:
     time.sleep(0.2)
     t0 = time.monotonic()
     res._quiesce(link)
-    assert time.monotonic() - t0 < D.LOCK_WAIT + 2
+    assert time.monotonic() - t0 < S.LOCK_WAIT + 2
     t.join(2)
     assert not t.is_alive()
     b.close()
@@ -449,8 +453,8 @@ def test_a_stuck_sender_is_cut_not_waited_for(tmp_path: Path) -> None:
 
 def test_tune_sets_a_send_timeout() -> None:
     with socket.socket() as s:
-        D._tune(s)
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == D.SEND_TIMEOUT_MS
+        B.tune(s)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == B.SEND_TIMEOUT_MS
 
 
 def test_a_slow_target_delays_the_clean_but_never_the_engine(tmp_path: Path) -> None:
@@ -484,7 +488,7 @@ def test_verify_requests_stay_bounded_at_large_chunks(tmp_path: Path) -> None:
                 asked.append(msg)
                 link.csum_replies.put(P.CsumReply(msg.first, (zero,) * msg.count, msg.algorithm))
 
-    link.conn, link.state = Conn(), "streaming"  # type: ignore[assignment]
+    link.conn, link.state = Conn(), LinkState.STREAMING  # type: ignore[assignment]
     try:
         result = res.verify("beta")
     finally:
@@ -559,3 +563,17 @@ def test_an_async_target_past_max_lag_falls_behind(tmp_path: Path, ring_used: in
     if behind:
         res._cycle()  # the next step readmits it from a new mark: a resync of its bitmap
         assert link.joined and link.join_pos == 11 and link.ack == 10
+
+
+def test_connection_says_refused_only_for_a_refused_handshake(tmp_path: Path) -> None:
+    """The refused state was found by the substring "refused" in last_error, so a plain TCP
+    "Connection refused" (nothing listening yet) read as a refusal by the peer."""
+    link = make_source(tmp_path).link("beta")
+    link.last_error = "[Errno 111] Connection refused"
+    assert link.status()["connection"] == "connecting"
+    link.refusal = HandshakeRefused(P.RefuseReason.SPLIT_BRAIN, "split brain", remote=True)
+    link.last_error = str(link.refusal)
+    assert link.status()["connection"] == "refused: SPLIT_BRAIN"
+    link.set_admin(Admin.PAUSED)
+    link.refusal = None
+    assert link.status()["connection"] == "down"

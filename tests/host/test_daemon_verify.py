@@ -21,6 +21,7 @@ import yaml
 from repctl import protocol as P
 from repctl.config import load_config
 from repctl.daemon import Daemon, SourceResource
+from repctl.daemon.state import LinkState
 from repctl.errors import ReplError
 
 CHUNK = 4096
@@ -75,7 +76,7 @@ def source(tmp_path: Path) -> Iterator[tuple[SourceResource, FakeTarget]]:
     res.read_fd = os.open(data, os.O_RDONLY)
     link = res.link("beta")
     target = FakeTarget(link)
-    link.conn, link.state = target, "streaming"  # type: ignore[assignment]
+    link.conn, link.state = target, LinkState.STREAMING  # type: ignore[assignment]
     try:
         yield res, target
     finally:

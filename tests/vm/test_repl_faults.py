@@ -3,7 +3,7 @@
 The data device of each repl device here is a dm device of the test's own ("lower") over a
 loop device: dm-linear while it works, reloaded to dm-flakey with error_writes (every write
 and flush fails, reads still work) to make the data device fail. What a consumer sees is
-read exactly the way the daemon sends it (pyctl/repctl/daemon.py, _send_records_locked):
+read exactly the way the daemon sends it (pyctl/repctl/daemon/link.py, _send_records_locked):
 every record from stream_start up to min(published, ring_end - 1), whatever the mode.
 """
 

@@ -1,0 +1,441 @@
+"""The source's view of one target: its connection, its place in the stream, its OOS bitmap.
+
+A link is two threads: the sender (`Link._run`) connects, authenticates, streams ring records in
+order and interleaves resync chunks read from the device; the receiver takes the target's ACK,
+PONG and CSUM_REPLY. The engine (source.py) decides when a link joins the stream and at which
+ring position; the link never acknowledges anything to the kernel itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from repctl import protocol as P
+from repctl.config import Node, Target, TargetMode
+from repctl.daemon.base import set_aside, tune
+from repctl.daemon.state import Admin, Connection, Event, LinkState
+from repctl.errors import HandshakeRefused, ProtocolError, ReplError
+from repctl.oos import OOSBitmap
+from repctl.statefile import StateError, load_json, save_json
+
+if TYPE_CHECKING:
+    from repctl.daemon.source import SourceResource
+
+log = logging.getLogger("repctl.daemon")
+
+__all__ = ["Link"]
+
+RESYNC_RUN = 256         # chunks per RESYNC_CHUNK frame at most (1 MiB at 4 KiB)
+RESYNC_WINDOW = 16 << 20  # resync bytes per PONG barrier (two windows in flight)
+ASYNC_BATCH = 64         # an async link is woken per this many records ...
+ASYNC_WAIT_MS = 20       # ... or after this long (the kernel wakes it sooner if the ring fills)
+ASYNC_NICE = 10          # CPU priority of an async link's thread: the applications come first
+RECONNECT_DELAY = 1.0
+FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
+
+LINK_STATE_ACTION = "the target is taken as up (not paused); check it with `repctl status`"
+OOS_ACTION = ("every chunk is taken as out of sync for this target: it gets a full resync; "
+              "the corrupt file is kept beside it for inspection")
+
+
+class Link:
+    """The source's view of one target: connection, stream position, OOS bitmap."""
+
+    def __init__(self, res: SourceResource, target: Target, node: Node):
+        self.res = res
+        self.name = target.name
+        self.mode = target.mode
+        self.max_lag = target.max_lag or 0  # async: the backlog past which it falls behind
+        self.node = node
+        self.address = (node.address, res.cfg.port)
+        self.state_path = res.state_dir / f"{self.name}.json"
+        self.last_error: str | None = None
+        self.refusal: HandshakeRefused | None = None  # the last handshake's, until one succeeds
+        try:
+            self.saved = load_json(self.state_path, {"admin": Admin.UP}, action=LINK_STATE_ACTION,
+                                   check=_check_link_state)
+        except StateError as e:
+            self._state_error(e)
+            set_aside(self.state_path)
+            self.saved = {"admin": Admin.UP}
+            save_json(self.state_path, self.saved)
+        self.saved["admin"] = Admin(self.saved["admin"])  # checked by _check_link_state
+        oos_path = res.state_dir / f"{self.name}.oos"
+        try:
+            self.oos = OOSBitmap(oos_path, res.nr_chunks, action=OOS_ACTION)
+        except StateError as e:
+            self._state_error(e)
+            set_aside(oos_path)
+            self.oos = OOSBitmap(oos_path, res.nr_chunks)  # missing now: all dirty, below
+        if not self.oos.existed:
+            self.oos.set_all()  # a new target: everything must be sent once
+            self.oos.save()
+        self.cond = threading.Condition()
+        self.state = (LinkState.CONNECTING if self.admin is Admin.UP
+                      else LinkState.of_admin(self.admin))
+        self.conn: P.FramedConnection | None = None
+        self.joined = False
+        self.join_wanted = False
+        self.join_gen = 0        # bumped by the engine at each admission
+        self.join_pos = 0        # first ring seq of the current admission
+        self.pos = 0             # next ring seq to send (the sender's own)
+        self.ack = 0             # highest seq applied on the target
+        self.durable = 0         # highest seq durable on the target
+        self.pongs: dict[int, threading.Event] = {}
+        self.csum_replies: queue.Queue[P.CsumReply] = queue.Queue()
+        self.sent_max = 0        # highest ring seq sent on the current connection
+        self.bytes_sent = 0
+        self.sync_total = 0
+        self.sync_done = 0
+        self.sync_started = 0.0
+        self.wake = threading.Event()
+        # held while ring records are read and sent: the engine takes it before
+        # it lets the kernel reuse ring space this link may still be sending
+        self.send_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"link-{res.name}-{self.name}", daemon=True)
+
+    # -- state ---------------------------------------------------------
+    def _state_error(self, e: StateError) -> None:
+        self.last_error = str(e)
+        log.error("%s/%s: %s", self.res.name, self.name, e)
+        self.res.events.emit(resource=self.res.name, target=self.name, what=Event.ERROR,
+                             text=str(e))
+
+    def set_state(self, state: LinkState, why: str = "") -> None:
+        if state is not self.state:
+            old, self.state = self.state, state
+            self.res.events.emit(resource=self.res.name, target=self.name, what=Event.STATE,
+                                 old=old, new=state, text=why)
+
+    @property
+    def admin(self) -> Admin:
+        return self.saved["admin"]  # type: ignore[no-any-return]
+
+    def set_admin(self, admin: Admin) -> None:
+        self.saved["admin"] = admin
+        save_json(self.state_path, self.saved)
+        self.wake.set()  # the sender stops at a record boundary (_pause)
+
+    def _connection(self) -> str:
+        """The `connection` of this target in `status`."""
+        if self.conn is not None:
+            return Connection.CONNECTED
+        if self.refusal is not None:
+            reason = getattr(self.refusal.reason, "name", self.refusal.reason)
+            return f"{Connection.REFUSED}: {reason}"  # the text is in last_error
+        return Connection.CONNECTING if self.admin is Admin.UP else Connection.DOWN
+
+    def status(self) -> dict[str, Any]:
+        st = self.res.kstate
+        oos = self.oos.count() * self.res.chunk_bytes
+        sync = None
+        if self.state is LinkState.SYNCING:
+            elapsed = max(time.monotonic() - self.sync_started, 1e-6)
+            rate = self.sync_done / elapsed
+            left = max(self.sync_total - self.sync_done, 0)
+            sync = {"done_bytes": self.sync_done, "total_bytes": self.sync_total,
+                    "rate_bps": rate, "eta_s": (left / rate) if rate > 0 else None}
+        lag = max(st.published - self.ack, 0) if st is not None and self.joined else 0
+        return {"name": self.name, "mode": str(self.mode), "state": self.state,
+                "connection": self._connection(),
+                "address": f"{self.address[0]}:{self.address[1]}",
+                "out_of_sync_bytes": oos, "bytes_sent": self.bytes_sent, "lag_records": lag,
+                "lag_bytes": st.ring_used if lag and st is not None else 0, "sync": sync,
+                "last_error": self.last_error}
+
+    # -- connection ----------------------------------------------------
+    def _connect(self) -> P.FramedConnection:
+        sock = socket.create_connection(self.address, timeout=5)
+        tune(sock)
+        conn = P.FramedConnection(sock)
+        res = self.res
+        local = P.HandshakeInfo(resource=res.name, node=res.node, role=P.Role.SOURCE,
+                                device_size=res.size, chunk_size=res.chunk_bytes,
+                                generations=res.generations())
+
+        def check(peer: P.PeerInfo) -> None:
+            rel = P.compare_generations(local.generations, peer.generations)
+            if rel in (P.GenerationRelation.EQUAL, P.GenerationRelation.LOCAL_AHEAD):
+                return
+            raise HandshakeRefused(P.RefuseReason.SPLIT_BRAIN,
+                                   f"target {peer.node} holds generation {peer.generations.current:#x}, "
+                                   f"which is not in this source's history ({rel.name.lower()}): "
+                                   "split brain, resolve by hand")
+        try:
+            peer = P.handshake(conn, local, res.secret, P.Expect(frozenset({self.name}), check))
+        except BaseException:
+            conn.close()
+            raise
+        sock.settimeout(None)
+        if P.compare_generations(local.generations, peer.generations) is not P.GenerationRelation.EQUAL:
+            log.info("%s/%s: target holds no data of this generation: full sync", res.name, self.name)
+            self.oos.set_all()
+            self.oos.save()
+        return conn
+
+    def _drop(self, why: str, quiet: bool = False) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self.res.unjoin(self)
+        if not quiet:
+            self.last_error = why
+            log.warning("%s/%s: %s", self.res.name, self.name, why)
+
+    def _receiver(self, conn: P.FramedConnection) -> None:
+        try:
+            while True:
+                msg = conn.recv_message()
+                if isinstance(msg, P.Ack):
+                    if msg.ring_seq > self.sent_max:
+                        # P2: an ack for records this connection never sent (an earlier
+                        # connection's, or an earlier boot's) must not release a writer
+                        raise ProtocolError(f"target acknowledged record {msg.ring_seq}, but this "
+                                            f"connection sent records only up to {self.sent_max}")
+                    with self.cond:
+                        self.ack = max(self.ack, msg.ring_seq)
+                        if msg.durable:
+                            self.durable = max(self.durable, msg.ring_seq)
+                        self.cond.notify_all()
+                    self.res.engine_wake.set()
+                elif isinstance(msg, P.Pong):
+                    ev = self.pongs.pop(msg.token, None)
+                    if ev:
+                        ev.set()
+                elif isinstance(msg, P.CsumReply):
+                    self.csum_replies.put(msg)
+                elif isinstance(msg, P.Error):
+                    raise ProtocolError(f"target reported: {msg.text}")
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from the target")
+        except Exception as e:
+            if not isinstance(e, (OSError, ReplError)):
+                log.exception("%s/%s: receiver: internal error", self.res.name, self.name)
+            if self.conn is conn:
+                self._drop(f"connection lost: {e}")
+            self.wake.set()
+            for ev in list(self.pongs.values()):
+                ev.set()
+
+    def _run(self) -> None:
+        """The link's thread: a bug in it fails this target (state `failed`, retried every
+        FAILED_RETRY seconds), never the other targets or the daemon."""
+        while not self.res.stopping.is_set():
+            try:
+                self._loop()
+            except Exception as e:
+                log.exception("%s/%s: link: internal error", self.res.name, self.name)
+                if self.conn is not None:
+                    self._drop(f"internal error: {e!r}")
+                self.last_error = f"internal error: {e!r} (retried in {FAILED_RETRY:g} s)"
+                self.set_state(LinkState.FAILED, self.last_error)
+                self.res.stopping.wait(FAILED_RETRY)
+
+    def _loop(self) -> None:
+        if self.mode is TargetMode.ASYNC:
+            # P4: an async target never slows the primary, nor does the CPU that feeds it
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ASYNC_NICE)
+            except OSError as e:
+                log.warning("%s/%s: cannot lower the link's CPU priority: %s", self.res.name, self.name, e)
+        while not self.res.stopping.is_set():
+            if self.admin is not Admin.UP:
+                self.set_state(LinkState.of_admin(self.admin))
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            self.set_state(LinkState.CONNECTING)
+            try:
+                conn = self._connect()
+            except (OSError, ReplError) as e:
+                self.last_error = str(e)
+                self.refusal = e if isinstance(e, HandshakeRefused) else None
+                log.warning("%s/%s: cannot connect to %s:%s: %s", self.res.name, self.name,
+                            *self.address, e)
+                self.wake.wait(RECONNECT_DELAY)
+                self.wake.clear()
+                continue
+            self.last_error = None
+            self.refusal = None
+            self.sent_max = 0
+            self.conn = conn
+            threading.Thread(target=self._receiver, args=(conn,), daemon=True,
+                             name=f"recv-{self.res.name}-{self.name}").start()
+            try:
+                self._serve(conn)
+            except (OSError, ReplError) as e:
+                if self.conn is conn:
+                    self._drop(f"connection lost: {e}")
+            if self.conn is conn:
+                self._drop("closed", quiet=True)
+
+    def _send_ping(self, conn: P.FramedConnection) -> threading.Event:
+        """A barrier: the event is set once the target has everything sent before it durable."""
+        token = secrets.randbits(63)
+        ev = threading.Event()
+        self.pongs[token] = ev
+        conn.send_message(P.Ping(token, time.monotonic_ns()))
+        return ev
+
+    def _ping(self, conn: P.FramedConnection, timeout: float = 60) -> bool:
+        return self._send_ping(conn).wait(timeout) and self.conn is conn
+
+    def _serve(self, conn: P.FramedConnection) -> None:
+        """The session: turn after turn of ordered checks (`_turn`) until it ends."""
+        self.res.join(self)
+        session = _Session(self.res.resync_buffer())
+        while self.conn is conn and not self.res.stopping.is_set():
+            if self._turn(conn, session) is _ENDED:
+                return
+
+    def _turn(self, conn: P.FramedConnection, s: _Session) -> str:
+        """One turn of the session, as ordered checks; says what it did. The order matters:
+        the administrator first (a pause stops at a record boundary), then the stream (records
+        before resync chunks, so that the resync never holds the stream back), then idling."""
+        if self.admin is not Admin.UP:
+            self._pause(conn)
+            return _ENDED
+        if not self.joined:
+            self.wake.wait(0.1)
+            self.wake.clear()
+            return "waiting to be admitted to the stream"
+        if s.gen != self.join_gen:
+            self._admitted(s)
+        sent = self._send_records(conn, s.gen)
+        resynced = None
+        if self.state in (LinkState.SYNCING, LinkState.BEHIND):
+            resynced = self._resync_step(conn, s)
+            if resynced is _ENDED:
+                return _ENDED
+        if sent or resynced is not None:
+            return resynced or "sent records"
+        if self.mode is TargetMode.ASYNC:
+            self.res.consumer.wait(max(self.pos - 1, 0), ASYNC_WAIT_MS, batch=ASYNC_BATCH)
+        else:
+            self.res.consumer.wait(max(self.pos - 1, 0), 100)
+        return "idle"
+
+    def _admitted(self, s: _Session) -> None:
+        """Admitted (again) by the engine: stream from the admission's mark, resync the OOS."""
+        s.gen, self.pos = self.join_gen, self.join_pos
+        s.restart(self.oos)
+        pending = self.oos.count()
+        self.sync_total, self.sync_done = pending * self.res.chunk_bytes, 0
+        self.sync_started = time.monotonic()
+        if pending:
+            self.set_state(LinkState.BEHIND if self.state is LinkState.STREAMING
+                           else LinkState.SYNCING, f"{pending} chunks to resync")
+        else:
+            self.set_state(LinkState.STREAMING)
+
+    def _resync_step(self, conn: P.FramedConnection, s: _Session) -> str | None:
+        """Send the next run of out-of-sync chunks, ping each full window, and clear the chunks
+        of a window once the target has it durable. None when there was nothing to send."""
+        run = next(s.resync, None)
+        if run is not None:
+            data = self.res.read_chunks(run, s.buf)
+            conn.send_message(P.ResyncChunk(run.start, data))  # sent: buf is free again
+            self.bytes_sent += len(data)
+            s.inflight.append(run)
+            s.inflight_bytes += len(data)
+        if s.inflight and (run is None or s.inflight_bytes >= RESYNC_WINDOW):
+            # ping the window and go on sending: the link never idles waiting
+            s.unconfirmed.append((self._send_ping(conn), s.inflight, s.inflight_bytes))
+            s.inflight, s.inflight_bytes = [], 0
+        while s.unconfirmed and (len(s.unconfirmed) > 1 or run is None):
+            pong, runs, nbytes = s.unconfirmed.pop(0)
+            if not pong.wait(60) or self.conn is not conn:
+                return _ENDED
+            for r in runs:
+                self.oos.clear(r, s.epoch)
+            self.sync_done += nbytes
+            self.oos.save()
+        if run is not None:
+            return "sent a resync run"
+        if s.inflight or s.unconfirmed:
+            return None
+        if self.oos.count():
+            s.restart(self.oos)  # an absorb added chunks meanwhile: another pass
+            return "another resync pass"
+        conn.send_message(P.ResyncDone(0))
+        self.set_state(LinkState.STREAMING, "resync finished")
+        return None
+
+    def _send_records(self, conn: P.FramedConnection, gen: int) -> int:
+        with self.send_lock:
+            if not self.joined or gen != self.join_gen:
+                return 0  # left the stream, or readmitted at another position
+            return self._send_records_locked(conn)
+
+    def _send_records_locked(self, conn: P.FramedConnection) -> int:
+        st = self.res.consumer.state()
+        if self.pos < st.stream_start or not st.streaming and self.pos >= st.ring_end:
+            return 0
+        last = min(st.published, st.ring_end - 1)
+        frames = []
+        n = 0
+        size = 0
+        seq = self.pos
+        while seq <= last and n < 512 and size < (8 << 20):
+            r = self.res.consumer.record(seq)
+            # a refused (unsupported) discard changed nothing: a flush keeps its seq
+            op = P.RecordOp.FLUSH if r.op == "noop" else P.RecordOp[r.op.upper()]
+            rec = P.Record(op, seq, r.sector if op != P.RecordOp.FLUSH else 0,
+                           r.length if op != P.RecordOp.FLUSH else 0,
+                           P.RecordFlags.FUA if r.fua else P.NO_FLAGS,
+                           r.data if op == P.RecordOp.WRITE else b"")
+            frames.append((rec.frame_type, rec.encode()))
+            size += len(r.data)
+            n += 1
+            seq += 1
+        if frames:
+            self.sent_max = seq - 1  # before: the target may ack the first frames at once
+            conn.send_batch(frames)
+            self.bytes_sent += size
+            self.pos = seq
+        return n
+
+    def _pause(self, conn: P.FramedConnection) -> None:
+        """Stop at a record boundary with everything sent durable: a consistent copy."""
+        conn.send_message(P.Pause())
+        self._ping(conn, timeout=30)
+        self._drop(f"{self.admin} by the administrator", quiet=True)
+
+
+
+_ENDED = "session ended"
+
+
+class _Session:
+    """What one session of a link tracks of its resync: the pass over the OOS bitmap, the runs
+    sent and not yet pinged, and the pinged windows not yet confirmed durable."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf          # the resync read buffer of this link
+        self.gen = -1           # the admission this session streams for
+        self.epoch = 0
+        self.resync: Iterator[range] = iter(())
+        self.inflight: list[range] = []
+        self.inflight_bytes = 0
+        # windows sent and pinged, not yet confirmed durable: (pong, runs, bytes)
+        self.unconfirmed: list[tuple[threading.Event, list[range], int]] = []
+
+    def restart(self, oos: OOSBitmap) -> None:
+        """A new pass over the bitmap, with nothing in flight."""
+        self.epoch = oos.epoch
+        self.resync = oos.runs(RESYNC_RUN)
+        self.inflight, self.inflight_bytes, self.unconfirmed = [], 0, []
+
+
+def _check_link_state(data: dict[str, Any]) -> str | None:
+    if data.get("admin") in set(Admin):
+        return None
+    return f"admin {data.get('admin')!r} is none of {', '.join(Admin)}"

@@ -1,0 +1,486 @@
+"""A resource whose source is this node: the device, the engine and the links to its targets.
+
+The **engine** thread owns the kernel consumer's control verbs: it starts the ring, lets targets
+join the stream, acknowledges records to the kernel (the minimum over the joined targets;
+durable acks for sync targets), and runs the MARK / CLEAN cycle that moves responsibility for
+changed chunks from the kernel's bitmap to each target's persistent out-of-sync bitmap. One
+**link** per target (link.py) sends.
+
+The invariant behind P2: the kernel clears a chunk's bit (CLEAN at mark M) only when every
+target either has durably acknowledged every record before M or has absorbed a bitmap snapshot
+taken after M into its persistent OOS file.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from repctl import dm, metadata
+from repctl import protocol as P
+from repctl.config import Resource, TargetMode
+from repctl.daemon.base import READ_PIECE, SECTOR, ResourceBase
+from repctl.daemon.link import RESYNC_RUN, Link
+from repctl.daemon.state import Event, LinkState, Role
+from repctl.daemon.verify import VerifyProgress
+from repctl.errors import ReplError
+from repctl.ring import Consumer, RingError, State
+from repctl.statefile import load_json, remove_stale_temporaries, save_json
+
+if TYPE_CHECKING:
+    from repctl.daemon.service import Daemon
+
+log = logging.getLogger("repctl.daemon")
+
+__all__ = ["SourceResource"]
+
+CLEAN_INTERVAL = 1.0     # seconds between MARK / CLEAN cycles
+LOCK_WAIT = 1.0          # the engine waits this long for a link's sender before it cuts the link
+
+GENERATION_ACTION = ("the resource stays down: restore the file from a backup of the state folder, "
+                     "or see docs/architecture.md, \"State files\", to start a new generation")
+
+
+class SourceResource(ResourceBase):
+    """A resource whose source is this node."""
+
+    def __init__(self, daemon: Daemon, cfg: Resource):
+        super().__init__(daemon, cfg)
+        node = cfg.nodes[self.node]
+        if node.metadata is None:
+            raise ReplError(f"resource {cfg.name}: node {self.node} is the source but has no metadata device")
+        self.data_dev = str(node.device)
+        self.meta_dev = str(node.metadata)
+        self.size = metadata.device_bytes(self.data_dev)
+        self.chunk_bytes = cfg.chunk_size
+        self.chunk_sectors = cfg.chunk_size // SECTOR
+        self.nr_chunks = -(-self.size // self.chunk_bytes)
+        remove_stale_temporaries(self.state_dir)
+        self.gen_path = self.state_dir / "generation.json"
+        self.gen = load_json(self.gen_path, {}, action=GENERATION_ACTION, check=_check_generation)
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.engine_wake = threading.Event()
+        self.consumer: Consumer = None  # type: ignore[assignment]
+        self.kstate: State | None = None
+        self.dev_path = f"/dev/mapper/{self.name}"
+        self.read_fd = -1
+        self.links = {t: Link(self, target, cfg.nodes[t]) for t, target in cfg.targets.items()}
+        self.engine = threading.Thread(target=self._engine, name=f"engine-{self.name}", daemon=True)
+        self.last_clean = 0.0
+        self.sync_on = False
+        self.released = 0
+        self.verifying: dict[str, VerifyProgress] = {}  # target -> its running verify
+        self.failed: str | None = None  # why the engine stopped for good (state `failed`)
+        self.pending_clean: tuple[int, frozenset[str]] | None = None  # (mark, absorbed links)
+
+    def generations(self) -> P.Generations:
+        return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
+
+    # -- device --------------------------------------------------------
+    def _table(self) -> dm.Target:
+        sectors = self.size // SECTOR
+        # the config accepts exactly the kernel's ranges (whole MiB, 100 ms .. 10 min)
+        ring_mb = self.cfg.ring_size >> 20
+        timeout_ms = round(self.cfg.sync_timeout * 1000)
+        return dm.Target(0, sectors, "repl", f"{self.data_dev} {self.meta_dev} {self.chunk_sectors} "
+                         f"4 ring_mb {ring_mb} sync_timeout_ms {timeout_ms}")
+
+    def _bind_generation(self, md_uuid: str) -> None:
+        """Tie the data generation to the metadata superblock (P6, issue 10 item 9).
+
+        A superblock with another uuid than the one the generation was made with means the
+        metadata was formatted anew: the data device was replaced or restored, so that neither
+        the kernel's bitmap nor the targets' OOS bitmaps say what differs. A new generation
+        starts (the old one goes to the history), and every target gets a full sync.
+        """
+        if "current" not in self.gen:
+            self.gen = {"current": secrets.randbits(63) | 1, "history": [], "md_uuid": md_uuid}
+            save_json(self.gen_path, self.gen)
+            return
+        old = self.gen.get("md_uuid")
+        if old == md_uuid:
+            return
+        if old is not None:
+            text = (f"metadata {self.meta_dev} has uuid {md_uuid}, the generation was made with "
+                    f"{old}: the metadata was formatted anew, so the data may differ anywhere; "
+                    "new data generation, every target gets a full sync")
+            log.warning("%s: %s", self.name, text)
+            self.events.emit(resource=self.name, what=Event.NEW_GENERATION, text=text)
+            history = [int(self.gen["current"]), *self.gen.get("history", [])][:P.MAX_HISTORY]
+            self.gen = {"current": secrets.randbits(63) | 1, "history": history}
+            for link in self.links.values():
+                link.oos.set_all()
+                link.oos.save()
+        self.gen["md_uuid"] = md_uuid
+        save_json(self.gen_path, self.gen)
+
+    def start(self) -> None:
+        sb = metadata.read_superblock(self.meta_dev)
+        if sb is None:
+            raise ReplError(f"resource {self.name}: metadata device {self.meta_dev} is not "
+                            f"formatted: run `repctl create-md {self.name}` first")
+        self._bind_generation(sb.uuid)
+        with dm.DMControl() as ctl:
+            names = {d.name for d in ctl.list_devices()}
+            if self.name not in names:
+                dm.create_device(self.name, [self._table()], ctl=ctl)
+        self.consumer = Consumer(self.dev_path, sync=False)  # sync once a sync target joins
+        # O_DIRECT: a filesystem's data writes bypass the block device's page
+        # cache, so a buffered resync read could send stale data
+        self.read_fd = os.open(self.dev_path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        self.engine.start()
+        for link in self.links.values():
+            link.thread.start()
+        self.events.emit(resource=self.name, what=Event.UP, text=f"source of {self.name} on {self.dev_path}")
+
+    def stop(self, remove: bool = False) -> None:
+        self.stopping.set()
+        self.engine_wake.set()
+        for link in self.links.values():
+            link.wake.set()
+            if link.conn is not None:
+                link.conn.close()
+        for link in self.links.values():
+            if link.thread.is_alive():
+                link.thread.join(5)
+        if self.engine.is_alive():
+            self.engine.join(5)
+        for link in self.links.values():
+            link.oos.save()
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+        if self.consumer is not None:
+            self.consumer.close()
+        if remove:
+            dm.remove_device(self.name)
+        self.events.emit(resource=self.name, what=Event.DOWN)
+
+    def resync_buffer(self) -> mmap.mmap:
+        """A buffer for read_chunks, for one link: page-aligned, as O_DIRECT needs."""
+        return mmap.mmap(-1, RESYNC_RUN * self.chunk_bytes)
+
+    def read_chunks(self, run: range, buf: mmap.mmap | None = None) -> memoryview:
+        """The chunks' current content, read past the page cache into buf (valid until its next use)."""
+        off = run.start * self.chunk_bytes
+        length = min(len(run) * self.chunk_bytes, self.size - off)
+        if buf is None or len(buf) < length:
+            buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))
+        view = memoryview(buf)[:length]
+        got = 0
+        while got < length:  # a read may return less than asked: go on from where it stopped
+            n = os.preadv(self.read_fd, [view[got:got + READ_PIECE]], off + got)
+            if n <= 0:
+                raise ReplError(f"{self.dev_path}: read at {off + got} ended early ({got} of "
+                                f"{length} bytes)")
+            got += n
+        return view
+
+    # -- joining the stream (engine thread) ------------------------------
+    def join(self, link: Link) -> None:
+        with self.lock:
+            link.join_wanted = True
+        self.engine_wake.set()
+
+    def unjoin(self, link: Link) -> None:
+        with self.lock:
+            link.joined = False
+            link.join_wanted = False
+        self.engine_wake.set()
+
+    def _absorb(self, links: list[Link]) -> int:
+        """MARK, then OR the kernel bitmap into each link's OOS and make it durable."""
+        mark = self.consumer.mark()
+        if links:
+            bm = self.consumer.bitmap()
+            for link in links:
+                link.oos.absorb(bm)
+                link.oos.save()
+        return mark
+
+    def _engine(self) -> None:
+        """The engine's thread. An OSError or ReplError is retried each second; anything else
+        is a bug: the resource goes to state `failed`, the consumer detaches (the kernel goes on
+        serving I/O and tracks every change in its bitmap, P5) and the targets stop, until
+        `repctl down` and `up`."""
+        while not self.stopping.is_set():
+            try:
+                self._cycle()
+            except (OSError, ReplError) as e:
+                log.exception("%s: engine: %s", self.name, e)
+                self.events.emit(resource=self.name, what=Event.ERROR, text=str(e))
+                time.sleep(1)
+            except Exception as e:
+                self._fail(f"engine: internal error: {e!r}")
+                return
+            self.engine_wake.wait(0.05)
+            self.engine_wake.clear()
+
+    def _fail(self, why: str) -> None:
+        log.exception("%s: %s: the resource has failed", self.name, why)
+        self.failed = why
+        self.events.emit(resource=self.name, what=Event.FAILED, text=why)
+        self.stopping.set()  # the links stop
+        for link in self.links.values():
+            link.wake.set()
+            if link.conn is not None:
+                link.conn.close()
+        for link in self.links.values():
+            if link.thread.is_alive():
+                link.thread.join(5)  # none still reads the ring
+        try:
+            self.consumer.close()  # detached: the kernel tracks writes in its bitmap
+        except Exception:
+            log.exception("%s: cannot detach the consumer", self.name)
+
+    def _quiesce(self, link: Link) -> None:
+        """Wait until `link` reads no ring record; cut its connection if its sender is stuck in a
+        send (a target that stopped reading must not hold back the others, item 7)."""
+        if link.send_lock.acquire(timeout=LOCK_WAIT):
+            link.send_lock.release()
+            return
+        log.warning("%s/%s: the sender is stuck for %g s: connection cut", self.name, link.name,
+                    LOCK_WAIT)
+        conn = link.conn
+        if conn is not None:
+            conn.close()
+        with link.send_lock:
+            pass
+
+    def _cycle(self) -> None:
+        st = self.consumer.state()
+        self.kstate = st
+        links = list(self.links.values())
+        if not st.streaming:
+            self.pending_clean = None  # the new ring's absorb covers it
+            # not started yet, or fell behind: every target takes the kernel's
+            # bitmap into its own, and a new ring starts
+            if st.reason not in ("no_consumer", "detached") or st.stream_start:
+                self.events.emit(resource=self.name, what=Event.FELL_BEHIND, text=st.reason)
+            with self.lock:
+                for link in links:
+                    link.joined = False
+                    link.join_wanted = link.join_wanted or link.conn is not None
+            for link in links:
+                self._quiesce(link)  # no sender is still reading the old ring
+            self.consumer.start_stream()
+            mark = self._absorb(links)
+            # every target holds everything before the mark in its own bitmap
+            self.consumer.clean(mark)
+            self.kstate = st = self.consumer.state()
+            self._admit(mark)
+            return
+
+        with self.lock:
+            wanting = [l for l in links if l.join_wanted and not l.joined]
+        if wanting:
+            mark = self._absorb(wanting)
+            self._admit(mark, wanting)
+
+        # Synchronous writers wait only for the joined sync targets' durable
+        # acks (RELEASE); ring space comes back when every joined target has
+        # the records (ACK). An async target never delays a sync writer.
+        with self.lock:
+            joined = [l for l in links if l.joined]
+        sync_joined = [l for l in joined if l.mode is TargetMode.SYNC]
+        if bool(sync_joined) != self.sync_on:
+            self.sync_on = bool(sync_joined)
+            self.consumer.set_sync(self.sync_on)
+        try:
+            if sync_joined:
+                release = min(min(l.durable for l in sync_joined), st.published)
+                if release > self.released:
+                    self.consumer.release(release)
+                    self.released = release
+            ack = min((l.durable if l.mode is TargetMode.SYNC else l.ack) for l in joined) \
+                if joined else st.published
+            ack = min(ack, st.published)
+            if ack > st.acked and ack >= st.stream_start - 1:
+                self.consumer.ack(ack)
+        except RingError as e:
+            log.debug("%s: ack/release: %s", self.name, e)
+
+        # an async target whose backlog passes its max_lag falls behind (P4): the oldest
+        # unacknowledged record is the laggiest target's, so the ring in use is its backlog
+        oldest = min((x.ack for x in joined), default=st.published)
+        for l in joined:
+            if (l.mode is TargetMode.ASYNC and l.ack < st.published and l.ack == oldest
+                    and st.ring_used > l.max_lag):
+                log.warning("%s/%s: async target lags %d records, %d bytes (max_lag %d): falls "
+                            "behind into its bitmap", self.name, l.name, st.published - l.ack,
+                            st.ring_used, l.max_lag)
+                with self.lock:
+                    l.joined = False
+                self._quiesce(l)  # its records in flight are sent before others may ack past them
+                self.join(l)
+                l.wake.set()
+
+        if time.monotonic() - self.last_clean >= CLEAN_INTERVAL:
+            self.last_clean = time.monotonic()
+            self._clean_cycle(links)
+
+    def _admit(self, mark: int, links: list[Link] | None = None) -> None:
+        with self.lock:
+            for link in links if links is not None else self.links.values():
+                if not link.join_wanted:
+                    continue
+                with link.cond:
+                    link.join_pos = mark
+                    link.ack = link.durable = mark - 1
+                link.join_gen += 1
+                link.joined = True
+                link.join_wanted = False
+                link.wake.set()
+
+    def _clean_cycle(self, links: list[Link]) -> None:
+        """MARK now, CLEAN later: once every target holds what came before the mark, durably
+        or in its OOS. Never waits: a slow target only delays the clean, not the others' acks."""
+        if self.pending_clean is None:
+            if not self.kstate or not self.kstate.dirty_chunks:
+                return
+            with self.lock:
+                outside = [l for l in links if not l.joined]
+            mark = self._absorb(outside)
+            self.pending_clean = (mark, frozenset(l.name for l in outside))
+        mark, absorbed = self.pending_clean
+        with self.lock:
+            for l in links:
+                if l.name in absorbed:
+                    continue  # its OOS holds everything before the mark
+                if not l.joined:
+                    self.pending_clean = None  # left the stream since: absorb it next cycle
+                    return
+                if l.durable < mark - 1:
+                    return  # not yet: look again next cycle
+        self.pending_clean = None
+        self.consumer.clean(mark)
+
+    # -- admin -------------------------------------------------------
+    def link(self, target: str) -> Link:
+        try:
+            return self.links[target]
+        except KeyError:
+            raise ReplError(f"resource {self.name} has no target {target!r} "
+                            f"(targets: {', '.join(self.links)})") from None
+
+    def status(self) -> dict[str, Any]:
+        if self.failed is not None:
+            return {"name": self.name, "role": Role.SOURCE, "device": self.dev_path,
+                    "state": LinkState.FAILED,
+                    "last_error": self.failed, "size": self.size,
+                    "targets": [self._target_status(l) for l in self.links.values()]}
+        st = self.kstate
+        kernel = None
+        if st is not None:
+            kernel = {"mode": st.mode, "reason": st.reason, "dirty_chunks": st.dirty_chunks,
+                      "chunk_size": self.chunk_bytes, "ring_used": st.ring_used,
+                      "ring_bytes": st.ring_bytes, "published": st.published, "acked": st.acked}
+        return {"name": self.name, "role": Role.SOURCE, "device": self.dev_path, "kernel": kernel,
+                "size": self.size, "targets": [self._target_status(l) for l in self.links.values()]}
+
+    def _target_status(self, link: Link) -> dict[str, Any]:
+        """A target's status, with what the administrator asked (`admin`: up, paused or
+        disconnected) and the progress of a verify that runs (null otherwise)."""
+        progress = self.verifying.get(link.name)
+        return {**link.status(), "admin": link.admin,
+                "verify": progress.status() if progress is not None else None}
+
+    def verify(self, target: str) -> dict[str, Any]:
+        """Compare chunk digests with the target; a second pass re-checks what differed."""
+        link = self.link(target)
+        conn = link.conn
+        if conn is None or link.state is not LinkState.STREAMING:
+            raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot verify now")
+        progress = VerifyProgress(self.nr_chunks, self.chunk_bytes)
+        if self.verifying.setdefault(target, progress) is not progress:
+            # two verifies would take each other's checksum replies
+            raise ReplError(f"{self.name}/{target}: a verify is already running "
+                            "(its progress is in `repctl status`)")
+        try:
+            differing = self._compare(link, conn, range(self.nr_chunks), progress)
+            if differing:
+                time.sleep(0.5)  # writes in flight during the first pass settle
+                progress.begin(2, len(differing))
+                differing = self._compare(link, conn, sorted(differing), progress)
+        finally:
+            del self.verifying[target]
+        return {"resource": self.name, "target": target, "chunks": self.nr_chunks,
+                "chunk_size": self.chunk_bytes, "differing": sorted(differing)}
+
+    def _compare(self, link: Link, conn: P.FramedConnection, chunks: range | list[int],
+                 progress: VerifyProgress | None = None) -> set[int]:
+        # everything published now must be durable on the target first
+        published = self.consumer.state().published
+        deadline = time.monotonic() + 30
+        with link.cond:
+            while link.durable < published and link.joined and time.monotonic() < deadline:
+                link.cond.wait(0.1)
+        link._ping(conn)
+        algo = P.DigestAlgorithm.BLAKE2B_256
+        while True:  # a reply that came after an earlier verify gave up is not ours
+            try:
+                link.csum_replies.get_nowait()
+            except queue.Empty:
+                break
+        differing: set[int] = set()
+        chunk_list = list(chunks)
+        # at most MAX_CSUM_BYTES of chunks per request: the target reads them in one go
+        step = max(1, min(4096, P.MAX_CSUM_BYTES // self.chunk_bytes))
+        i = 0
+        while i < len(chunk_list):
+            first = chunk_list[i]
+            count = 1
+            while (i + count < len(chunk_list) and count < step
+                   and chunk_list[i + count] == first + count):
+                count += 1
+            conn.send_message(P.CsumRequest(first, count, algo))
+            reply = self._csum_reply(link, first, algo)
+            if len(reply.digests) != count:
+                # fewer digests would leave chunks uncompared: never "identical" by omission
+                raise ReplError(f"{self.name}/{link.name}: checksum reply for chunks {first}+{count} "
+                                f"has {len(reply.digests)} digests")
+            local = self.read_chunks(range(first, first + count))
+            before = len(differing)
+            for k, digest in enumerate(reply.digests):
+                mine = algo.digest(local[k * self.chunk_bytes:(k + 1) * self.chunk_bytes])
+                if mine != digest:
+                    differing.add(first + k)
+            i += count
+            if progress is not None:
+                progress.advance(count, len(differing) - before)
+        return differing
+
+    def _csum_reply(self, link: Link, first: int, algo: P.DigestAlgorithm) -> P.CsumReply:
+        """The reply to our CSUM_REQUEST for `first`; stale replies (an earlier verify's) are dropped."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reply = link.csum_replies.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise ReplError(f"{self.name}/{link.name}: no checksum reply within 60 s") from None
+            if reply.first == first and reply.algorithm is algo:
+                return reply
+            log.info("%s/%s: dropped a stale checksum reply (chunk %d)", self.name, link.name, reply.first)
+
+
+
+def _check_generation(data: dict[str, Any]) -> str | None:
+    if not data:
+        return None  # an empty object: no generation yet
+    try:
+        P.Generations(int(data["current"]), tuple(int(g) for g in data.get("history", ())))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"no valid generations ({e!r})"
+    if int(data["current"]) == 0:
+        return "current generation 0 (a source always has one)"
+    if not isinstance(data.get("md_uuid", ""), str):
+        return "md_uuid is not a string"
+    return None
+

@@ -1,0 +1,86 @@
+"""Every named state of the daemon, in one place.
+
+Each is a `StrEnum` whose values are the words that `repctl status`, `repctl events` and the
+JSON documents show (docs/cli.md lists them): a member serialises as that word, and a word read
+back (from a state file or a status document) converts with ``State(word)``. Members are
+appended, never renamed: scripts match on these words.
+
+Nothing here imports anything of the daemon, so that the CLI can name states without loading it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum, unique
+
+__all__ = ["Admin", "Connection", "Event", "LinkState", "ReplicaState", "Role"]
+
+
+@unique
+class Role(StrEnum):
+    """What this node is for a resource."""
+
+    SOURCE = "source"
+    TARGET = "target"
+
+
+@unique
+class Admin(StrEnum):
+    """What the administrator asked of a target (`pause`, `resume`, `disconnect`, `connect`);
+    persisted in ``<target>.json`` on the source."""
+
+    UP = "up"
+    PAUSED = "paused"
+    DISCONNECTED = "disconnected"
+
+
+@unique
+class LinkState(StrEnum):
+    """A target's mirror state, as its source sees it (the `state` of a target in `status`)."""
+
+    CONNECTING = "connecting"      # no session: connecting, or waiting to retry
+    SYNCING = "syncing"            # in session, resyncing its out-of-sync chunks
+    STREAMING = "streaming"        # in session, in sync, following the ring
+    PAUSED = "paused"              # stopped by the administrator at a consistent point
+    BEHIND = "behind"              # was streaming, fell behind into its bitmap, catching up
+    DISCONNECTED = "disconnected"  # disconnected by the administrator
+    FAILED = "failed"              # an internal error; retried after a delay
+
+    @classmethod
+    def of_admin(cls, admin: Admin) -> LinkState:
+        """The state a target is held in while the administrator keeps it out of session."""
+        return cls.PAUSED if admin is Admin.PAUSED else cls.DISCONNECTED
+
+
+@unique
+class Connection(StrEnum):
+    """The `connection` of a resource or a target in `status`."""
+
+    CONNECTED = "connected"    # a session is up
+    CONNECTING = "connecting"  # the source tries to connect
+    REFUSED = "refused"        # the last handshake was refused (the reason follows)
+    DOWN = "down"              # the source does not try: paused or disconnected
+    WAITING = "waiting"        # a target waits for its source
+
+
+@unique
+class ReplicaState(StrEnum):
+    """A target node's own state of its copy (the `state` of a target resource in `status`)."""
+
+    DISCONNECTED = "disconnected"
+    SYNCING = "syncing"
+    STREAMING = "streaming"
+    PAUSED = "paused"
+    FAILED = "failed"
+
+
+@unique
+class Event(StrEnum):
+    """The `what` of an event (`repctl events`)."""
+
+    UP = "up"                          # a resource came up
+    DOWN = "down"                      # a resource went down
+    STATE = "state"                    # a target changed state: `old`, `new`, `text`
+    ERROR = "error"                    # an error worth the administrator's eyes: `text`
+    FAILED = "failed"                  # a resource failed and stopped: `text`
+    FELL_BEHIND = "fell_behind"        # the kernel stopped its ring: `text` is its reason
+    NEW_GENERATION = "new_generation"  # the source started a new data generation: `text`

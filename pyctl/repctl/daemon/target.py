@@ -1,0 +1,302 @@
+"""A resource this node is a target of: listen, authenticate the source, apply in order.
+
+Records are applied in ring order and resync chunks as they come (docs/architecture.md); what
+the source waits for (durable acks, PONGs) is sent only once the store has it durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from repctl import protocol as P
+from repctl.config import Resource, TargetMode
+from repctl.daemon.base import READ_PIECE, SECTOR, ResourceBase, readable, set_aside, tune
+from repctl.daemon.state import Connection, Event, ReplicaState, Role
+from repctl.errors import HandshakeRefused, ProtocolError, ReplError
+from repctl.statefile import StateError, load_json, save_json
+from repctl.store import Store, open_store
+
+if TYPE_CHECKING:
+    from repctl.daemon.service import Daemon
+
+log = logging.getLogger("repctl.daemon")
+
+__all__ = ["TargetResource"]
+
+FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
+MAX_PENDING_HANDSHAKES = 8  # unauthenticated connections a target serves at once; more are shed
+
+TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyncs it whole; "
+                       "the corrupt file is kept beside it for inspection")
+
+
+class TargetResource(ResourceBase):
+    """A resource this node is a target of: listen, authenticate, apply in order.
+
+    The listener thread only accepts; each connection is handled in a thread of its own, so that
+    a peer that never finishes its handshake holds nothing but its own thread, for at most the
+    handshake's deadline. One authenticated source connection at a time: a second one is refused
+    with BUSY.
+    """
+
+    def __init__(self, daemon: Daemon, cfg: Resource):
+        super().__init__(daemon, cfg)
+        self.state_path = self.state_dir / "target.json"
+        self.last_error: str | None = None
+        try:
+            self.saved = load_json(self.state_path, {"current": 0, "history": [], "consistent": True},
+                                   action=TARGET_STATE_ACTION, check=_check_target_state)
+        except StateError as e:
+            # never trust a copy whose state is unknown: no generation, inconsistent: a full sync
+            self.saved = {"current": 0, "history": [], "consistent": False}
+            self.last_error = f"{e} (taken as inconsistent: the source resyncs everything)"
+            log.error("%s: %s", self.name, self.last_error)
+            set_aside(self.state_path)
+            self._save()
+        self.device = str(cfg.nodes[self.node].device)
+        self.store: Store | None = None
+        self.listener: socket.socket | None = None
+        self.stopping = threading.Event()
+        self.conn: P.FramedConnection | None = None
+        self.conn_lock = threading.Lock()  # guards conn and pending
+        self.pending = 0  # connections still in their handshake
+        self.handlers: set[threading.Thread] = set()
+        self.state = ReplicaState.DISCONNECTED
+        self.bytes_received = 0
+        self.thread = threading.Thread(target=self._listen, name=f"listen-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        self.store = open_store(self.device)
+        addr = self.cfg.nodes[self.node].address
+        self.listener = socket.create_server((addr, self.cfg.port), reuse_port=False)
+        self.listener.settimeout(0.5)
+        self.thread.start()
+        self.events.emit(resource=self.name, what=Event.UP, text=f"target of {self.name} on {self.device}")
+
+    def stop(self, remove: bool = False) -> None:
+        self.stopping.set()
+        with self.conn_lock:
+            conn = self.conn
+        if conn is not None:
+            conn.close()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        for t in list(self.handlers):
+            t.join(5)
+        if self.listener is not None:
+            self.listener.close()
+        if self.store is not None:
+            self.store.close()
+        self.events.emit(resource=self.name, what=Event.DOWN)
+
+    def _save(self) -> None:
+        save_json(self.state_path, self.saved)
+
+    def _set_state(self, state: ReplicaState, why: str = "") -> None:
+        if state is not self.state:
+            old, self.state = self.state, state
+            self.events.emit(resource=self.name, target=self.node, what=Event.STATE, old=old, new=state, text=why)
+
+    def _listen(self) -> None:
+        assert self.listener is not None
+        while not self.stopping.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                time.sleep(0.1)  # EMFILE and the like: never end the listener
+                continue
+            with self.conn_lock:
+                if self.pending >= MAX_PENDING_HANDSHAKES:
+                    sock.close()  # a flood of unauthenticated connections: shed them
+                    log.warning("%s: %d handshakes pending: closed a connection from %s",
+                                self.name, self.pending, peer[0])
+                    continue
+                self.pending += 1
+            t = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
+                                 name=f"conn-{self.name}-{peer[0]}:{peer[1]}")
+            self.handlers.add(t)
+            t.start()
+
+    def _handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """One connection, from its handshake to its end. Nothing it raises escapes: every other
+        connection, and the listener, go on."""
+        conn = P.FramedConnection(sock)
+        claimed = False
+
+        def claim(info: P.PeerInfo) -> None:
+            nonlocal claimed
+            with self.conn_lock:
+                if self.conn is not None:
+                    raise HandshakeRefused(P.RefuseReason.BUSY,
+                                           f"resource {self.name} on {self.node} is already "
+                                           f"connected to its source {info.node}")
+                self.conn = conn
+                claimed = True
+
+        try:
+            tune(sock)
+            try:
+                info = P.handshake(conn, self._local_info(), self.secret,
+                                   P.Expect(frozenset({self.cfg.source}), claim))
+            finally:
+                with self.conn_lock:
+                    self.pending -= 1
+            self.last_error = None
+            self._serve(conn, info)
+        except HandshakeRefused as e:
+            self.last_error = f"refused {peer[0]}: {e}"
+            log.warning("%s: refused connection from %s: %s", self.name, peer[0], e)
+        except (OSError, ReplError) as e:
+            self.last_error = f"connection from {peer[0]}: {e}"
+            log.warning("%s: connection from %s: %s", self.name, peer[0], e)
+        except Exception as e:  # a bug: this connection ends, the listener and the rest go on
+            self.last_error = f"connection from {peer[0]}: internal error: {e!r}"
+            log.exception("%s: connection from %s: internal error", self.name, peer[0])
+            with contextlib.suppress(OSError, ReplError):
+                conn.send_message(P.Error(P.ErrorCode.INTERNAL, f"internal error: {e!r}"))
+        finally:
+            conn.close()
+            if claimed:
+                with self.conn_lock:
+                    if self.conn is conn:
+                        self.conn = None
+                self._set_state(ReplicaState.DISCONNECTED)
+            self.handlers.discard(threading.current_thread())
+
+    def _local_info(self) -> P.HandshakeInfo:
+        assert self.store is not None
+        return P.HandshakeInfo(resource=self.name, node=self.node, role=P.Role.TARGET,
+                               device_size=self.store.size, chunk_size=self.cfg.chunk_size,
+                               generations=P.Generations(int(self.saved["current"]),
+                                                         tuple(self.saved["history"])))
+
+    def _serve(self, conn: P.FramedConnection, info: P.PeerInfo) -> None:
+        store = self.store
+        assert store is not None
+        sock = conn.sock
+        source_gen = info.generations
+        self._set_state(ReplicaState.STREAMING, f"source {info.node} connected")
+        chunk = self.cfg.chunk_size
+        # ring sequence numbers belong to this connection: nothing of it is applied yet, and an
+        # ack never speaks of records an earlier connection (or an earlier boot) sent
+        applied = acked = 0
+        # a sync source's writers wait for durable acks: flush per FLUSH_BYTES of records
+        sync = self.cfg.targets[self.node].mode is TargetMode.SYNC
+        dirty = False
+        record_bytes = 0  # of records written since the last flush
+        last_flush = last_ack = time.monotonic()
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if dirty and ((sync and record_bytes >= FLUSH_BYTES) or now - last_flush > 0.2
+                          or not readable(sock)):
+                # idle, or a busy stream every MiB or 200 ms: make it durable, say so (a sync
+                # source's writers wait for this; per MiB keeps several of them in flight)
+                store.flush()
+                dirty, record_bytes = False, 0
+                last_flush = last_ack = now
+                acked = applied
+                if applied:
+                    conn.send_message(P.Ack(applied, durable=True))
+            elif applied > acked and now - last_ack > 0.005:
+                acked, last_ack = applied, now
+                conn.send_message(P.Ack(applied, durable=False))
+            frame = conn.recv()
+            msg = P.decode(frame.type, frame.payload)
+            if isinstance(msg, P.Record):
+                if msg.ring_seq <= applied:
+                    raise ProtocolError(f"record {msg.ring_seq} after record {applied}: "
+                                        "records must come in ring order")
+                end = msg.sector * SECTOR + msg.length
+                if end > store.size:
+                    raise ProtocolError(f"record {msg.ring_seq} ends at byte {end}, past the device")
+                store.apply(msg.op.name.lower(), msg.sector, msg.length, msg.data,
+                            bool(msg.flags & P.RecordFlags.FUA))
+                self.bytes_received += msg.length if msg.op is P.RecordOp.WRITE else 0
+                applied = msg.ring_seq
+                dirty = True
+                record_bytes += msg.length
+            elif isinstance(msg, P.ResyncChunk):
+                off = msg.chunk * chunk
+                data = memoryview(msg.data)
+                if off + data.nbytes > store.size:
+                    raise ProtocolError(f"resync chunk {msg.chunk} ends past the device")
+                if self.saved["consistent"]:
+                    self.saved["consistent"] = False
+                    self._save()
+                    self._set_state(ReplicaState.SYNCING, "resync started")
+                store.write(off, data)
+                self.bytes_received += data.nbytes
+                dirty = True  # a resync's durability comes with the PONGs
+            elif isinstance(msg, P.ResyncDone):
+                store.flush()
+                self.saved.update(consistent=True, current=source_gen.current,
+                                  history=list(source_gen.history))
+                self._save()
+                self._set_state(ReplicaState.STREAMING, "resync finished: consistent")
+            elif isinstance(msg, P.Ping):
+                store.flush()
+                dirty, record_bytes = False, 0
+                conn.send_message(P.Pong(msg.token, msg.time_ns))
+            elif isinstance(msg, P.Pause):
+                store.flush()
+                dirty, record_bytes = False, 0
+                acked = applied
+                if applied:
+                    conn.send_message(P.Ack(applied, durable=True))
+                self._set_state(ReplicaState.PAUSED, "paused by the source")
+            elif isinstance(msg, P.CsumRequest):
+                conn.send_message(self._checksums(msg))
+            elif isinstance(msg, P.Error):
+                raise ProtocolError(f"source reported: {msg.text}")
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
+
+    def _checksums(self, msg: P.CsumRequest) -> P.CsumReply:
+        """The digests a CSUM_REQUEST asks for, read in bounded pieces."""
+        store = self.store
+        assert store is not None
+        chunk = self.cfg.chunk_size
+        if msg.count * chunk > P.MAX_CSUM_BYTES:
+            raise ProtocolError(f"CSUM_REQUEST for {msg.count} chunks of {chunk} bytes: at most "
+                                f"{P.MAX_CSUM_BYTES} bytes per request")
+        end = min(msg.first + msg.count, -(-store.size // chunk))
+        digests = []
+        c = msg.first
+        per_read = max(1, READ_PIECE // chunk)
+        while c < end:
+            n = min(per_read, end - c)
+            data = store.read(c * chunk, n * chunk)
+            digests += [msg.algorithm.digest(data[i * chunk:(i + 1) * chunk]) for i in range(n)]
+            c += n
+        return P.CsumReply(msg.first, tuple(digests), msg.algorithm)
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        if state is ReplicaState.STREAMING and not self.saved["consistent"]:
+            state = ReplicaState.SYNCING
+        return {"name": self.name, "role": Role.TARGET, "device": self.device,
+                "source": self.cfg.source,
+                "connection": Connection.CONNECTED if self.conn is not None else Connection.WAITING,
+                "state": state,
+                "consistent": bool(self.saved["consistent"]), "bytes_received": self.bytes_received,
+                "generation": f"{int(self.saved['current']):#x}", "last_error": self.last_error,
+                "targets": []}
+
+
+def _check_target_state(data: dict[str, Any]) -> str | None:
+    try:
+        P.Generations(int(data["current"]), tuple(int(g) for g in data["history"]))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"no valid generations ({e!r})"
+    if not isinstance(data.get("consistent"), bool):
+        return "no valid 'consistent' flag"
+    return None

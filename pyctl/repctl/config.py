@@ -4,8 +4,8 @@
 (``resources.r0.nodes.beta.device``), the line, what was expected and what was found. Nothing may
 run on a configuration that failed to load. The schema is declared as data (the ``_*_KEYS`` tables
 below, one per mapping); cross-key rules (the source is a node, targets are nodes other than the
-source, ports are unique, a node's devices are distinct, ...) are checked after every key parsed.
-docs/config.md documents every key.
+source, ports are unique, a node's devices are distinct, a fenced resource has a fence-peer hook,
+...) are checked after every key parsed. docs/config.md documents every key.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import difflib
 import ipaddress
 import os
 import re
+import shlex
 import socket
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -43,6 +45,9 @@ MIN_SYNC_TIMEOUT = 0.1  # seconds
 MAX_SYNC_TIMEOUT = 600.0
 MIN_MAX_LAG = 4 * KiB  # one page; the upper bound is the resource's ring_size (exclusive)
 MIN_SECRET_BYTES = 16
+MIN_HOOK_TIMEOUT = 1.0  # seconds
+MAX_HOOK_TIMEOUT = 3600.0
+DEFAULT_HOOK_TIMEOUT = 30.0
 
 # Node names that the daemon's state files of a resource would clash with: in
 # <state_dir>/<resource>/ the source keeps <target>.json and <target>.oos per target, and also
@@ -64,6 +69,61 @@ class TargetMode(StrEnum):
 
     SYNC = "sync"  # a write completes only when the target has it durable
     ASYNC = "async"  # the source never waits; past max_lag the target falls back to the bitmap
+
+
+class Fencing(StrEnum):
+    """What a node must do about its peer before it is promoted (DRBD's ``fencing``)."""
+
+    NONE = "none"  # nothing
+    RESOURCE_AND_STONITH = "resource-and-stonith"  # the fence-peer hook must succeed first
+
+
+class HookEvent(StrEnum):
+    """The events that hook commands hang on: the keys of ``resources.NAME.hooks``.
+
+    The value is also REPCTL_EVENT in a hook's environment. Declared here, beside the schema that
+    reads it; `repctl.hooks` runs them.
+    """
+
+    FENCE_PEER = "fence-peer"
+    BEFORE_PROMOTE = "before-promote"
+    AFTER_PROMOTE = "after-promote"
+    BEFORE_DEMOTE = "before-demote"
+    AFTER_DEMOTE = "after-demote"
+    BEFORE_RESYNC_TARGET = "before-resync-target"
+    AFTER_RESYNC_TARGET = "after-resync-target"
+    SPLIT_BRAIN = "split-brain"
+    OUT_OF_SYNC = "out-of-sync"
+
+
+Command = tuple[str, ...]  # an argv: the first word an absolute path; run without a shell
+
+
+@dataclass(frozen=True)
+class MountAction:
+    """Mount the resource's device (/dev/mapper/NAME) on `mountpoint`; undone by unmounting."""
+
+    mountpoint: Path
+    fstype: str | None = None  # None: mount(8) probes it
+    options: str | None = None  # mount(8)'s -o, e.g. "noatime,discard"
+
+
+@dataclass(frozen=True)
+class AddressAction:
+    """Add a floating IP address (with its prefix length) to `interface`; undone by removing it."""
+
+    ip: IPv4Interface | IPv6Interface
+    interface: str
+
+
+@dataclass(frozen=True)
+class ServiceAction:
+    """Start a systemd unit; undone by stopping it."""
+
+    unit: str
+
+
+Action = MountAction | AddressAction | ServiceAction
 
 
 @dataclass(frozen=True)
@@ -107,10 +167,46 @@ class Resource:
     secret_file: Path  # the resource's own secret_file, or the global one
     nodes: Mapping[str, Node]
     targets: Mapping[str, Target]
+    fencing: Fencing = Fencing.NONE
+    hook_timeout: float = DEFAULT_HOOK_TIMEOUT  # seconds, for each hook command and action step
+    # event -> commands, run in order; an event without commands is absent
+    hooks: Mapping[HookEvent, tuple[Command, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    actions: tuple[Action, ...] = ()  # done in this order on promote, undone in reverse on demote
 
     @property
     def source_node(self) -> Node:
         return self.nodes[self.source]
+
+    @property
+    def mapper_path(self) -> Path:
+        """/dev/mapper/NAME: the replicated device on the primary."""
+        return Path("/dev/mapper", self.name)
+
+    def targets_for(self, primary: str) -> Mapping[str, Target]:
+        """The nodes that `primary` replicates to, each with its mode, in the order of `targets`.
+
+        Every target of the file other than `primary` keeps its entry; the file's `source` (when it
+        is not `primary`) takes the place, mode and max_lag of `primary`'s own entry. So
+        ``targets_for(source) == targets``, and after beta (a sync target of alpha) is promoted,
+        alpha is a sync target of beta. A node of `nodes` that is not in `targets` is never a
+        target. ValueError if `primary` is neither the source nor a target.
+        """
+        if primary == self.source:
+            return self.targets
+        if primary not in self.targets:
+            raise ValueError(
+                f"{primary!r} cannot be the primary of {self.name}: it is neither the source "
+                f"({self.source}) nor a target ({_names(self.targets)})"
+            )
+        out: dict[str, Target] = {}
+        for name, target in self.targets.items():
+            if name == primary:
+                out[self.source] = Target(self.source, target.mode, target.max_lag)
+            else:
+                out[name] = target
+        return MappingProxyType(out)
 
 
 @dataclass(frozen=True)
@@ -203,6 +299,19 @@ class Config:
                 }
                 for t in r.targets.values()
             }
+            out["fencing"] = r.fencing.value
+            out["hook_timeout"] = format_duration(r.hook_timeout)
+            if r.hooks:
+                out["hooks"] = {
+                    event.value: (
+                        shlex.join(commands[0])
+                        if len(commands) == 1
+                        else [shlex.join(argv) for argv in commands]
+                    )
+                    for event, commands in r.hooks.items()
+                }
+            if r.actions:
+                out["actions"] = [_action_dict(a) for a in r.actions]
             resources[r.name] = out
         return {
             "global": {
@@ -215,7 +324,24 @@ class Config:
 
     def dump(self) -> str:
         """The configuration as YAML text (see `to_dict`)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        return text
+
+
+def _action_dict(action: Action) -> dict[str, Any]:
+    """`action` in the file's own schema (one entry of ``actions``)."""
+    match action:
+        case MountAction(mountpoint, fstype, options):
+            mount: dict[str, str] = {"mountpoint": str(mountpoint)}
+            if fstype is not None:
+                mount["fstype"] = fstype
+            if options is not None:
+                mount["options"] = options
+            return {"mount": mount}
+        case AddressAction(ip, interface):
+            return {"address": {"ip": str(ip), "interface": interface}}
+        case ServiceAction(unit):
+            return {"service": unit}
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,10 +393,11 @@ def parse_config(text: str, file: str = "<string>") -> Config:
 
 
 class _Invalid(Exception):
-    def __init__(self, expected: str, got: str | None = None) -> None:
+    def __init__(self, expected: str, got: str | None = None, at: tuple[str, ...] = ()) -> None:
         super().__init__(expected)
         self.expected = expected
         self.got = got
+        self.at = at  # where inside the value (a list index), appended to the key path
 
 
 _SIZE_RE = re.compile(r"(\d+)\s*([A-Za-z]*)")
@@ -449,6 +576,108 @@ def _mapping(value: object) -> dict[Any, Any]:
     return value
 
 
+def _list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise _Invalid("a list")
+    return value
+
+
+def _fencing(value: object) -> Fencing:
+    if isinstance(value, str) and value in {f.value for f in Fencing}:
+        return Fencing(value)
+    raise _Invalid(f"a fencing policy: {' or '.join(f.value for f in Fencing)}")
+
+
+_COMMAND_EXPECTED = "a command: a string whose first word is an absolute path (run without a shell)"
+
+
+def _command(value: object) -> Command:
+    if not isinstance(value, str) or "\0" in value:
+        raise _Invalid(_COMMAND_EXPECTED)
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as exc:  # unbalanced quotes
+        raise _Invalid(_COMMAND_EXPECTED, f"{_show(value)} ({exc})") from None
+    if not argv or not argv[0].startswith("/"):
+        raise _Invalid(_COMMAND_EXPECTED)
+    return argv
+
+
+def _commands(value: object) -> tuple[Command, ...]:
+    """One command (a string) or a non-empty list of them, run in order."""
+    if not isinstance(value, list):
+        if not isinstance(value, str):
+            raise _Invalid(f"{_COMMAND_EXPECTED}, or a list of commands")
+        return (_command(value),)
+    if not value:
+        raise _Invalid(f"{_COMMAND_EXPECTED}, or a list of commands", "an empty list")
+    commands = []
+    for i, item in enumerate(value):
+        try:
+            commands.append(_command(item))
+        except _Invalid as exc:
+            raise _Invalid(exc.expected, exc.got or _show(item), at=(str(i),)) from None
+    return tuple(commands)
+
+
+def _mountpoint(value: object) -> Path:
+    path = _abs_path(value)
+    if path == Path("/"):
+        raise _Invalid("an absolute path other than /")
+    return path
+
+
+_FSTYPE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _fstype(value: object) -> str:
+    if not isinstance(value, str) or not _FSTYPE.fullmatch(value):
+        raise _Invalid("a file system type such as ext4 or xfs")
+    return value
+
+
+_MOUNT_OPTIONS = re.compile(r"[^\s,-][^\s]*")
+
+
+def _mount_options(value: object) -> str:
+    if not isinstance(value, str) or not _MOUNT_OPTIONS.fullmatch(value) or "\0" in value:
+        raise _Invalid("mount options such as noatime,discard (comma-separated, no spaces)")
+    return value
+
+
+def _floating_ip(value: object) -> IPv4Interface | IPv6Interface:
+    expected = "an IP address with its prefix length, such as 10.0.0.100/24 or fd00::100/64"
+    if not isinstance(value, str) or "/" not in value:
+        raise _Invalid(expected)
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        raise _Invalid(expected) from None
+
+
+_IFNAME = re.compile(r"[^\s/:]{1,15}")  # the kernel's dev_valid_name(); IFNAMSIZ is 16
+
+
+def _ifname(value: object) -> str:
+    if not isinstance(value, str) or not _IFNAME.fullmatch(value) or value in {".", ".."}:
+        raise _Invalid("a network interface name (1 to 15 characters, no '/', ':' or spaces)")
+    return value
+
+
+_UNIT_TYPES = (
+    "service", "socket", "target", "mount", "automount", "swap", "timer", "path", "slice", "scope",
+)  # fmt: skip
+_UNIT = re.compile(
+    r"[A-Za-z0-9_:\\][A-Za-z0-9_:.\\-]*(?:@[A-Za-z0-9_:.\\-]*)?\.(?:" + "|".join(_UNIT_TYPES) + ")"
+)
+
+
+def _unit(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 255 or not _UNIT.fullmatch(value):
+        raise _Invalid("a systemd unit name such as nginx.service or app@1.service")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # The schema: one table per mapping of the file. A key is required when it has no default.
 # Nested mappings (resources, nodes, targets) are handled by the validator.
@@ -480,6 +709,34 @@ _RESOURCE_KEYS = {
     "secret_file": _Key(_abs_path, None),
     "nodes": _Key(_mapping),
     "targets": _Key(_mapping),
+    "fencing": _Key(_fencing, Fencing.NONE),
+    "hook_timeout": _Key(
+        _bounded_duration(MIN_HOOK_TIMEOUT, MAX_HOOK_TIMEOUT, "for one hook command or action"),
+        DEFAULT_HOOK_TIMEOUT,
+    ),
+    "hooks": _Key(_mapping, {}),
+    "actions": _Key(_list, []),
+}
+
+# resources.NAME.hooks: one optional key per event.
+_HOOK_KEYS = {event.value: _Key(_commands, None) for event in HookEvent}
+
+# An item of resources.NAME.actions: a mapping with exactly one of these keys.
+_ACTION_KEYS = {
+    "mount": _Key(_mapping, None),
+    "address": _Key(_mapping, None),
+    "service": _Key(_unit, None),
+}
+
+_MOUNT_KEYS = {
+    "mountpoint": _Key(_mountpoint),
+    "fstype": _Key(_fstype, None),
+    "options": _Key(_mount_options, None),
+}
+
+_ADDRESS_KEYS = {
+    "ip": _Key(_floating_ip),
+    "interface": _Key(_ifname),
 }
 
 _NODE_KEYS = {
@@ -536,7 +793,9 @@ class _Validator:
             try:
                 out[k] = spec.parse(value[k])
             except _Invalid as exc:
-                raise self.error((*path, k), exc.expected, exc.got or _show(value[k])) from None
+                raise self.error(
+                    (*path, k, *exc.at), exc.expected, exc.got or _show(value[k])
+                ) from None
         return out
 
     def named(
@@ -712,6 +971,16 @@ class _Validator:
                 max_lag = default_max_lag(r["ring_size"])
             targets[tname] = Target(tname, t["mode"], max_lag)
 
+        given = self.section(r["hooks"], (*path, "hooks"), _HOOK_KEYS)
+        hooks = {HookEvent(k): v for k, v in given.items() if v is not None}
+        if r["fencing"] is Fencing.RESOURCE_AND_STONITH and HookEvent.FENCE_PEER not in hooks:
+            raise self.error(
+                (*path, "hooks", HookEvent.FENCE_PEER.value),
+                "a fence-peer hook (fencing is resource-and-stonith: a node is promoted only "
+                "after this hook fenced its peer)",
+                "nothing",
+            )
+
         return Resource(
             name=name,
             port=r["port"],
@@ -722,7 +991,59 @@ class _Validator:
             secret_file=r["secret_file"] or glob.secret_file,
             nodes=MappingProxyType(nodes),
             targets=MappingProxyType(targets),
+            fencing=r["fencing"],
+            hook_timeout=r["hook_timeout"],
+            hooks=MappingProxyType(hooks),
+            actions=self.actions(r["actions"], (*path, "actions"), nodes),
         )
+
+    def actions(
+        self, value: list[Any], path: tuple[str, ...], nodes: Mapping[str, Node]
+    ) -> tuple[Action, ...]:
+        """The built-in actions of a resource, in order; each names one mount point, floating
+        address or unit that no other action of the list names."""
+        actions: list[Action] = []
+        seen: dict[object, int] = {}  # what an action acts on -> its index
+        for i, item in enumerate(value):
+            ipath = (*path, str(i))
+            a = self.section(item, ipath, _ACTION_KEYS)
+            kinds = [k for k, v in a.items() if v is not None]
+            if len(kinds) != 1:
+                raise self.error(
+                    ipath,
+                    f"one action per list item: a mapping with one key, {' or '.join(_ACTION_KEYS)}",
+                    f"the keys {', '.join(kinds)}" if kinds else "no key",
+                )
+            kind = kinds[0]
+            apath = (*ipath, kind)
+            action: Action
+            on: object  # what the action acts on
+            if kind == "mount":
+                action = MountAction(**self.section(a[kind], apath, _MOUNT_KEYS))
+                on, key, shown = action.mountpoint, "mountpoint", str(action.mountpoint)
+            elif kind == "address":
+                action = AddressAction(**self.section(a[kind], apath, _ADDRESS_KEYS))
+                on, key, shown = action.ip.ip, "ip", str(action.ip)
+                owner = [n.name for n in nodes.values() if n.address == str(action.ip.ip)]
+                if owner:
+                    raise self.error(
+                        (*apath, key),
+                        f"a floating address that is not a node's own address ({owner[0]} "
+                        "listens on it: removing it on demote would cut the node off)",
+                        repr(shown),
+                    )
+            else:
+                action = ServiceAction(a[kind])
+                on, key, shown = action.unit, "", action.unit
+            if (kind, on) in seen:
+                raise self.error(
+                    (*apath, key) if key else apath,
+                    f"a {kind} that no other action of the list has (item {seen[kind, on]} has it)",
+                    repr(shown),
+                )
+            seen[kind, on] = i
+            actions.append(action)
+        return tuple(actions)
 
 
 def _line_map(file: str, root: yaml.Node) -> dict[tuple[str, ...], int]:

@@ -9,7 +9,8 @@ traceback.
      +-- ProtocolError        the peer's bytes or frame order are malformed: drop the connection
      |    +-- ConnectionClosed    the peer closed the connection cleanly between two frames
      +-- HandshakeRefused     one side refused the other during the handshake (reason code + text)
-          +-- AuthError           ... because peer authentication failed
+     |    +-- AuthError           ... because peer authentication failed
+     +-- HookError            a hook command or built-in action failed, timed out or was cancelled
 """
 
 from __future__ import annotations
@@ -77,3 +78,11 @@ class HandshakeRefused(ReplError):
 
 class AuthError(HandshakeRefused):
     """Peer authentication failed (another shared secret, or a peer not who it claims to be)."""
+
+
+class HookError(ReplError):
+    """A hook command or a built-in action (mount, address, service) failed its step.
+
+    The message names what ran, how it ended (exit status, signal, timeout, cancel) and the last
+    lines of its output. Raised by `repctl.hooks`; the step that ran the hook did not complete.
+    """

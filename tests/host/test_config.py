@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ipaddress
 import os
 import re
 import stat
@@ -120,7 +121,10 @@ def test_the_documented_example_is_valid():
 
 def test_every_key_is_documented():
     text = (ROOT / "docs" / "config.md").read_text()
-    tables = (c._TOP_KEYS, c._GLOBAL_KEYS, c._RESOURCE_KEYS, c._NODE_KEYS, c._TARGET_KEYS)
+    tables = (
+        c._TOP_KEYS, c._GLOBAL_KEYS, c._RESOURCE_KEYS, c._NODE_KEYS, c._TARGET_KEYS,
+        c._HOOK_KEYS, c._ACTION_KEYS, c._MOUNT_KEYS, c._ADDRESS_KEYS,
+    )  # fmt: skip
     for keys in tables:
         for key in keys:
             assert f"`{key}`" in text, f"docs/config.md does not document {key}"
@@ -145,6 +149,15 @@ def _node(name: str) -> Any:
 
     def change(data: dict[str, Any]) -> None:
         data["resources"]["r0"]["nodes"][name] = {"address": "h", "device": "/d"}
+
+    return change
+
+
+def _fenced(hooks: dict[str, Any]) -> Any:
+    """r0 with fencing resource-and-stonith and `hooks`."""
+
+    def change(data: dict[str, Any]) -> None:
+        data["resources"]["r0"].update(fencing="resource-and-stonith", hooks=hooks)
 
     return change
 
@@ -214,17 +227,17 @@ CASES = [
      "a mapping with keys control_socket, state_dir, secret_file, got a list"),
     # A node's metadata is never its data device: create-md --force would format the data.
     ("metadata is the device", _set(f"{R0}.nodes.beta.metadata", "/dev/vg0/data"),
-     f"{R0}.nodes.beta.metadata", "expected a metadata device other than the node's data device "
+     f"{R0}.nodes.beta.metadata", ("expected a metadata device other than the node's data device "
      "(repctl create-md would format the data), got '/dev/vg0/data', the same path as device "
-     "'/dev/vg0/data'"),
+     "'/dev/vg0/data'")),
     ("metadata is the device spelt otherwise",
      _set(f"{R0}.nodes.alpha.metadata", "/dev//vg0/./data/"),
      f"{R0}.nodes.alpha.metadata", "got '/dev/vg0/data', the same path as device"),
     # Node names that the daemon's state files of the resource are named after.
     ("node named generation", _set(f"{R0}.nodes.generation", {"address": "h", "device": "/d"}),
-     f"{R0}.nodes.generation", "expected a node name other than generation, target (in "
+     f"{R0}.nodes.generation", ("expected a node name other than generation, target (in "
      "/var/lib/repctl/r0/ the daemon keeps <target>.json beside its own generation.json and "
-     "target.json), got 'generation'"),
+     "target.json), got 'generation'")),
     ("node named target", _set(f"{R0}.nodes.target", {"address": "h", "device": "/d"}),
      f"{R0}.nodes.target", "a node name other than generation, target"),
     ("node named Target", _set(f"{R0}.nodes.Target", {"address": "h", "device": "/d"}),
@@ -243,14 +256,117 @@ CASES = [
     ("sync_timeout an hour", _set(f"{R0}.sync_timeout", "1h"), f"{R0}.sync_timeout", "got '1h'"),
     # max_lag: the backlog never exceeds the ring, so a max_lag must be below ring_size.
     ("max_lag is the ring", _set(f"{R0}.targets.gamma.max_lag", "32MiB"),
-     f"{R0}.targets.gamma.max_lag", "expected a max_lag below the ring_size of r0, 32MiB (the "
-     "backlog is bytes of ring records: it never exceeds the ring), got '32MiB'"),
+     f"{R0}.targets.gamma.max_lag", ("expected a max_lag below the ring_size of r0, 32MiB (the "
+     "backlog is bytes of ring records: it never exceeds the ring), got '32MiB'")),
     ("max_lag above the ring", _set(f"{R0}.targets.gamma.max_lag", "256MiB"),
      f"{R0}.targets.gamma.max_lag", "below the ring_size of r0, 32MiB"),
     ("max_lag tiny", _set(f"{R0}.targets.gamma.max_lag", 1024), f"{R0}.targets.gamma.max_lag",
      "a size from 4KiB to 4GiB, got 1024"),
     ("ring_size in whole MiB", _set(f"{R0}.ring_size", "1536KiB"), f"{R0}.ring_size",
      "a size from 1MiB to 4GiB, a multiple of 1MiB, got '1536KiB'"),
+    # fencing, hook_timeout, hooks
+    ("bad fencing", _set(f"{R0}.fencing", "stonith"), f"{R0}.fencing",
+     "expected a fencing policy: none or resource-and-stonith, got 'stonith'"),
+    ("fencing without a fence-peer hook", _set(f"{R0}.fencing", "resource-and-stonith"),
+     f"{R0}.hooks.fence-peer", ("expected a fence-peer hook (fencing is resource-and-stonith: a "
+     "node is promoted only after this hook fenced its peer), got nothing")),
+    ("fencing with other hooks only", _fenced({"before-promote": "/bin/true"}),
+     f"{R0}.hooks.fence-peer", "a fence-peer hook"),
+    ("hook_timeout too short", _set(f"{R0}.hook_timeout", "500ms"), f"{R0}.hook_timeout",
+     "expected a duration from 1s to 1h (for one hook command or action), got '500ms'"),
+    ("hook_timeout too long", _set(f"{R0}.hook_timeout", "61m"), f"{R0}.hook_timeout",
+     "got '61m'"),
+    ("hooks not a mapping", _set(f"{R0}.hooks", "/bin/true"), f"{R0}.hooks",
+     "expected a mapping, got '/bin/true'"),
+    ("unknown event", _set(f"{R0}.hooks", {"before-promot": "/bin/true"}),
+     f"{R0}.hooks.before-promot", "unknown key 'before-promot' (did you mean 'before-promote'?)"),
+    ("event in DRBD's spelling", _set(f"{R0}.hooks", {"fence_peer": "/bin/true"}),
+     f"{R0}.hooks.fence_peer", "(did you mean 'fence-peer'?)"),
+    ("relative hook command", _set(f"{R0}.hooks", {"after-promote": "notify me"}),
+     f"{R0}.hooks.after-promote", ("a string whose first word is an absolute path (run without a "
+     "shell), got 'notify me'")),
+    ("relative command in a list", _set(f"{R0}.hooks", {"after-promote": ["/bin/a", "b c"]}),
+     f"{R0}.hooks.after-promote.1", "absolute path (run without a shell), got 'b c'"),
+    ("unbalanced quote", _set(f"{R0}.hooks", {"split-brain": "/bin/echo 'x"}),
+     f"{R0}.hooks.split-brain", "got \"/bin/echo 'x\" (No closing quotation)"),
+    ("empty command", _set(f"{R0}.hooks", {"split-brain": "  "}), f"{R0}.hooks.split-brain",
+     "got '  '"),
+    ("no command", _set(f"{R0}.hooks", {"split-brain": None}), f"{R0}.hooks.split-brain",
+     "or a list of commands, got nothing"),
+    ("empty command list", _set(f"{R0}.hooks", {"split-brain": []}), f"{R0}.hooks.split-brain",
+     "or a list of commands, got an empty list"),
+    ("command as a list of words", _set(f"{R0}.hooks", {"split-brain": [["/bin/echo", "x"]]}),
+     f"{R0}.hooks.split-brain.0", "got a list"),
+    # actions
+    ("actions not a list", _set(f"{R0}.actions", {"service": "a.service"}), f"{R0}.actions",
+     "expected a list, got a mapping"),
+    ("unknown action", _set(f"{R0}.actions", [{"mnt": {"mountpoint": "/srv"}}]),
+     f"{R0}.actions.0.mnt", "unknown key 'mnt' (did you mean 'mount'?)"),
+    ("action not a mapping", _set(f"{R0}.actions", ["a.service"]), f"{R0}.actions.0",
+     "a mapping with keys mount, address, service, got 'a.service'"),
+    ("two actions in one item", _set(f"{R0}.actions",
+                                     [{"mount": {"mountpoint": "/srv"}, "service": "a.service"}]),
+     f"{R0}.actions.0", ("expected one action per list item: a mapping with one key, mount or "
+     "address or service, got the keys mount, service")),
+    ("empty action", _set(f"{R0}.actions", [{}]), f"{R0}.actions.0", "got no key"),
+    ("mount without mountpoint", _set(f"{R0}.actions", [{"mount": {"fstype": "ext4"}}]),
+     f"{R0}.actions.0.mount.mountpoint", "the required key 'mountpoint', got nothing"),
+    ("mount not a mapping", _set(f"{R0}.actions", [{"mount": "/srv"}]), f"{R0}.actions.0.mount",
+     "expected a mapping, got '/srv'"),
+    ("relative mountpoint", _set(f"{R0}.actions", [{"mount": {"mountpoint": "srv"}}]),
+     f"{R0}.actions.0.mount.mountpoint", "an absolute path, got 'srv'"),
+    ("mount on /", _set(f"{R0}.actions", [{"mount": {"mountpoint": "/"}}]),
+     f"{R0}.actions.0.mount.mountpoint", "an absolute path other than /, got '/'"),
+    ("unknown mount key",
+     _set(f"{R0}.actions", [{"mount": {"mountpoint": "/s", "fs_type": "xfs"}}]),
+     f"{R0}.actions.0.mount.fs_type", "(did you mean 'fstype'?)"),
+    ("bad fstype", _set(f"{R0}.actions", [{"mount": {"mountpoint": "/s", "fstype": "ext 4"}}]),
+     f"{R0}.actions.0.mount.fstype", "a file system type such as ext4 or xfs, got 'ext 4'"),
+    ("mount options with a space",
+     _set(f"{R0}.actions", [{"mount": {"mountpoint": "/s", "options": "noatime, ro"}}]),
+     f"{R0}.actions.0.mount.options", "(comma-separated, no spaces), got 'noatime, ro'"),
+    ("mount options like a flag",
+     _set(f"{R0}.actions", [{"mount": {"mountpoint": "/s", "options": "--bind"}}]),
+     f"{R0}.actions.0.mount.options", "got '--bind'"),
+    ("address without prefix",
+     _set(f"{R0}.actions", [{"address": {"ip": "10.0.0.100", "interface": "eth0"}}]),
+     f"{R0}.actions.0.address.ip", ("an IP address with its prefix length, such as 10.0.0.100/24 "
+     "or fd00::100/64, got '10.0.0.100'")),
+    ("bad address", _set(f"{R0}.actions",
+                         [{"address": {"ip": "10.0.0.300/24", "interface": "eth0"}}]),
+     f"{R0}.actions.0.address.ip", "got '10.0.0.300/24'"),
+    ("bad prefix", _set(f"{R0}.actions", [{"address": {"ip": "fd00::1/129", "interface": "e"}}]),
+     f"{R0}.actions.0.address.ip", "got 'fd00::1/129'"),
+    ("address without interface", _set(f"{R0}.actions", [{"address": {"ip": "10.0.0.100/24"}}]),
+     f"{R0}.actions.0.address.interface", "the required key 'interface'"),
+    ("interface name too long",
+     _set(f"{R0}.actions", [{"address": {"ip": "10.0.0.100/24", "interface": "e" * 16}}]),
+     f"{R0}.actions.0.address.interface", "a network interface name (1 to 15 characters"),
+    ("interface name with a slash",
+     _set(f"{R0}.actions", [{"address": {"ip": "10.0.0.100/24", "interface": "eth/0"}}]),
+     f"{R0}.actions.0.address.interface", "no '/', ':' or spaces), got 'eth/0'"),
+    ("floating address is a node's",
+     _set(f"{R0}.actions", [{"address": {"ip": "10.0.0.2/24", "interface": "eth0"}}]),
+     f"{R0}.actions.0.address.ip", ("expected a floating address that is not a node's own address "
+     "(beta listens on it: removing it on demote would cut the node off), got '10.0.0.2/24'")),
+    ("service without a type", _set(f"{R0}.actions", [{"service": "nginx"}]),
+     f"{R0}.actions.0.service", ("a systemd unit name such as nginx.service or app@1.service, got "
+     "'nginx'")),
+    ("service like a flag", _set(f"{R0}.actions", [{"service": "--now.service"}]),
+     f"{R0}.actions.0.service", "got '--now.service'"),
+    ("service with a space", _set(f"{R0}.actions", [{"service": "my app.service"}]),
+     f"{R0}.actions.0.service", "got 'my app.service'"),
+    ("same mountpoint twice", _set(f"{R0}.actions", [{"mount": {"mountpoint": "/srv"}},
+                                                     {"mount": {"mountpoint": "/srv/"}}]),
+     f"{R0}.actions.1.mount.mountpoint", ("expected a mount that no other action of the list has "
+     "(item 0 has it), got '/srv'")),
+    ("same address twice", _set(f"{R0}.actions", [
+        {"address": {"ip": "10.0.0.100/24", "interface": "eth0"}},
+        {"address": {"ip": "10.0.0.100/16", "interface": "eth1"}}]),
+     f"{R0}.actions.1.address.ip", "(item 0 has it), got '10.0.0.100/16'"),
+    ("same unit twice", _set(f"{R0}.actions", [{"service": "a.service"}, {"service": "b.service"},
+                                               {"service": "a.service"}]),
+     f"{R0}.actions.2.service", "(item 0 has it), got 'a.service'"),
 ]  # fmt: skip
 
 
@@ -556,3 +672,151 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(ValueError, match="expected a duration"):
         c.parse_duration(text)
+
+
+# --------------------------------------------------------------------------------------------
+# fencing, hook_timeout, hooks, actions; Resource.targets_for
+# --------------------------------------------------------------------------------------------
+
+
+def full() -> dict[str, Any]:
+    """VALID with every failover key set."""
+    data = copy.deepcopy(VALID)
+    data["resources"]["r0"].update(
+        fencing="resource-and-stonith",
+        hook_timeout="2m",
+        hooks={
+            "fence-peer": "/usr/local/sbin/fence-peer --ipmi",
+            "after-promote": ["/usr/local/bin/notify 'r0 is up' \"it's me\"", "/bin/true"],
+            "split-brain": ["/usr/local/bin/page"],
+        },
+        actions=[
+            {"mount": {"mountpoint": "/srv/r0", "fstype": "ext4", "options": "noatime,discard"}},
+            {"mount": {"mountpoint": "/srv/r0 logs"}},
+            {"service": "postgresql@15-main.service"},
+            {"address": {"ip": "10.0.0.100/255.255.255.0", "interface": "eth0"}},
+            {"address": {"ip": "FD00::100/64", "interface": "eth0.20"}},
+        ],
+    )
+    return data
+
+
+def test_failover_keys_load(tmp_path):
+    res = c.load_config(write(tmp_path, full())).resource("r0")
+    assert res.fencing is c.Fencing.RESOURCE_AND_STONITH
+    assert res.hook_timeout == 120.0
+    assert dict(res.hooks) == {
+        c.HookEvent.FENCE_PEER: (("/usr/local/sbin/fence-peer", "--ipmi"),),
+        c.HookEvent.AFTER_PROMOTE: (
+            ("/usr/local/bin/notify", "r0 is up", "it's me"),
+            ("/bin/true",),
+        ),
+        c.HookEvent.SPLIT_BRAIN: (("/usr/local/bin/page",),),
+    }
+    assert res.hooks["split-brain"] == (("/usr/local/bin/page",),)  # a HookEvent is its name
+    assert res.actions == (
+        c.MountAction(Path("/srv/r0"), "ext4", "noatime,discard"),
+        c.MountAction(Path("/srv/r0 logs")),
+        c.ServiceAction("postgresql@15-main.service"),
+        c.AddressAction(ipaddress.ip_interface("10.0.0.100/24"), "eth0"),
+        c.AddressAction(ipaddress.ip_interface("fd00::100/64"), "eth0.20"),
+    )
+    assert res.mapper_path == Path("/dev/mapper/r0")
+    with pytest.raises(TypeError):
+        res.hooks[c.HookEvent.OUT_OF_SYNC] = ()  # type: ignore[index]
+
+
+def test_failover_keys_round_trip(tmp_path):
+    cfg = c.load_config(write(tmp_path, full()))
+    text = cfg.dump()
+    again = c.parse_config(text)
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+    r0 = cfg.to_dict()["resources"]["r0"]
+    assert r0["fencing"] == "resource-and-stonith" and r0["hook_timeout"] == "2m"
+    assert r0["hooks"]["fence-peer"] == "/usr/local/sbin/fence-peer --ipmi"
+    assert r0["actions"][3] == {"address": {"ip": "10.0.0.100/24", "interface": "eth0"}}
+    assert r0["actions"][1] == {"mount": {"mountpoint": "/srv/r0 logs"}}
+
+
+def test_failover_keys_default(tmp_path):
+    res = c.load_config(write(tmp_path, VALID)).resource("r0")
+    assert (res.fencing, res.hook_timeout, dict(res.hooks), res.actions) == (
+        c.Fencing.NONE, 30.0, {}, ()
+    )  # fmt: skip
+    r0 = res.__class__(  # the fields before these keys are enough to make a Resource
+        res.name, res.port, res.chunk_size, res.ring_size, res.sync_timeout, res.source,
+        res.secret_file, res.nodes, res.targets,
+    )  # fmt: skip
+    assert r0 == res
+
+
+def test_hook_timeout_bounds(tmp_path):
+    for text, seconds in (("1s", 1.0), ("1h", 3600.0), (45, 45.0), ("60m", 3600.0)):
+        data = copy.deepcopy(VALID)
+        data["resources"]["r0"]["hook_timeout"] = text
+        assert c.load_config(write(tmp_path, data)).resource("r0").hook_timeout == seconds
+
+
+def test_every_hook_event_is_a_key():
+    assert list(c._HOOK_KEYS) == [
+        "fence-peer", "before-promote", "after-promote", "before-demote", "after-demote",
+        "before-resync-target", "after-resync-target", "split-brain", "out-of-sync",
+    ]  # fmt: skip
+    assert [e.value for e in c.HookEvent] == list(c._HOOK_KEYS)
+
+
+def test_the_example_shows_every_failover_key():
+    cfg = c.load_config(ROOT / "docs" / "examples" / "repctl.yaml")
+    res = cfg.resource("r0")
+    assert res.fencing is c.Fencing.RESOURCE_AND_STONITH and c.HookEvent.FENCE_PEER in res.hooks
+    assert {type(a) for a in res.actions} == {c.MountAction, c.AddressAction, c.ServiceAction}
+
+
+def topology(targets: dict[str, Any], extra_nodes: tuple[str, ...] = ()) -> c.Resource:
+    data = copy.deepcopy(VALID)
+    r0 = data["resources"]["r0"]
+    for i, name in enumerate(extra_nodes):
+        r0["nodes"][name] = {"address": f"10.0.1.{i + 1}", "device": "/dev/x"}
+    r0["targets"] = targets
+    return c.parse_config(yaml.safe_dump(data)).resource("r0")
+
+
+def test_targets_for_the_source_are_the_targets():
+    res = topology({"beta": {"mode": "sync"}, "gamma": {"mode": "async", "max_lag": "16MiB"}})
+    assert res.targets_for("alpha") == res.targets
+
+
+def test_targets_for_a_promoted_target():
+    res = topology({"beta": {"mode": "sync"}, "gamma": {"mode": "async", "max_lag": "16MiB"}})
+    sync, lagging = c.TargetMode.SYNC, c.TargetMode.ASYNC
+    beta = res.targets_for("beta")
+    # the source takes beta's place and mode; gamma keeps its entry
+    assert list(beta.items()) == [
+        ("alpha", c.Target("alpha", sync, None)),
+        ("gamma", c.Target("gamma", lagging, 16 << 20)),
+    ]
+    gamma = res.targets_for("gamma")
+    assert list(gamma.items()) == [
+        ("beta", c.Target("beta", sync, None)),
+        ("alpha", c.Target("alpha", lagging, 16 << 20)),
+    ]
+    with pytest.raises(TypeError):
+        beta["delta"] = c.Target("delta", sync, None)  # type: ignore[index]
+
+
+def test_targets_for_an_ha_pair_is_symmetric():
+    res = topology({"beta": {"mode": "async", "max_lag": "8MiB"}})
+    assert dict(res.targets_for("beta")) == {
+        "alpha": c.Target("alpha", c.TargetMode.ASYNC, 8 << 20)
+    }
+
+
+def test_targets_for_leaves_out_nodes_that_are_no_target():
+    res = topology({"beta": {"mode": "sync"}}, extra_nodes=("delta",))
+    assert set(res.nodes) == {"alpha", "beta", "gamma", "delta"}
+    assert list(res.targets_for("beta")) == ["alpha"]
+    for node in ("gamma", "delta", "zeta"):
+        with pytest.raises(ValueError, match=f"'{node}' cannot be the primary of r0: it is "
+                           r"neither the source \(alpha\) nor a target \(beta\)"):  # fmt: skip
+            res.targets_for(node)

@@ -415,7 +415,7 @@ def _ask(ctx: typer.Context, cmd: str, resource: str, target: str | None = None)
 @app.command()
 @edge
 def up(ctx: typer.Context, resource: ResourceArg) -> None:
-    """Bring RESOURCE up on this node (as its source or as a target)."""
+    """Bring RESOURCE up on this node, in its role (primary or secondary)."""
     _ask(ctx, "up", resource)
 
 
@@ -424,6 +424,55 @@ def up(ctx: typer.Context, resource: ResourceArg) -> None:
 def down(ctx: typer.Context, resource: ResourceArg) -> None:
     """Take RESOURCE down on this node."""
     _ask(ctx, "down", resource)
+
+
+@app.command()
+@edge
+def promote(
+    ctx: typer.Context,
+    resource: ResourceArg,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Promote even if this node's data is Inconsistent or Outdated (it then "
+        "serves data that may be incomplete or old). Overrides no other check.")] = False,
+) -> None:
+    """Make this node the primary of RESOURCE: /dev/mapper/RESOURCE appears here and the other
+    nodes become its targets, each resyncing only what differs.
+
+    Refused, with nothing changed, while another node is primary and reachable, when this
+    node's data is Inconsistent, or when fencing is on and the fence-peer hook fails
+    (docs/failover.md).
+    """
+    if force:
+        typer.echo(f"{resource}: promoting by force: this node's data may be incomplete or old",
+                   err=True)
+    result = _session(ctx).client(timeout=None).call("promote", resource=resource, force=force)
+    typer.echo(result)
+
+
+@app.command()
+@edge
+def demote(ctx: typer.Context, resource: ResourceArg) -> None:
+    """Make this primary a secondary: undo the actions (unmount, ...), drain the writes to the
+    targets, remove /dev/mapper/RESOURCE. Refused while the device is in use (says by whom)."""
+    typer.echo(_session(ctx).client(timeout=None).call("demote", resource=resource))
+
+
+@app.command()
+@edge
+def resolve(
+    ctx: typer.Context,
+    resource: ResourceArg,
+    discard_local: Annotated[bool, typer.Option(
+        "--discard-local", help="Required: this node's changes since the split are overwritten "
+        "by the primary's data.")] = False,
+) -> None:
+    """Settle a split brain on its victim: this node becomes a secondary of the primary, which
+    resyncs the chunks this node changed (DRBD's connect --discard-my-data)."""
+    if not discard_local:
+        raise typer.BadParameter("say --discard-local: this node's changes since the split are "
+                                 "lost", param_hint="'--discard-local'")
+    typer.echo(_session(ctx).client(timeout=None).call("resolve", resource=resource,
+                                                       discard_local=True))
 
 
 @app.command()

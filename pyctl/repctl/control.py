@@ -77,8 +77,15 @@ COMMANDS: Mapping[str, Command] = {
     "connect": Command(("resource",), ("target",)),
     "disconnect": Command(("resource",), ("target",)),
     "verify": Command(("resource", "target")),
+    "promote": Command(("resource",), ("force",)),
+    "demote": Command(("resource",)),
+    "resolve": Command(("resource",), ("discard_local",)),
     "events": Command(),  # streaming: handler.subscribe()
 }
+
+
+#: Arguments that are booleans (JSON true/false); every other argument is a string.
+FLAGS = frozenset({"force", "discard_local"})
 
 
 class EventQueue(Protocol):
@@ -101,6 +108,9 @@ class Handler(Protocol):
     def connect(self, resource: str, target: str | None = None) -> Any: ...
     def disconnect(self, resource: str, target: str | None = None) -> Any: ...
     def verify(self, resource: str, target: str) -> dict[str, Any]: ...
+    def promote(self, resource: str, force: bool = False) -> Any: ...
+    def demote(self, resource: str) -> Any: ...
+    def resolve(self, resource: str, discard_local: bool = False) -> Any: ...
     def subscribe(self) -> EventQueue: ...
 
 
@@ -369,7 +379,10 @@ class ControlServer:
             if args.get(name) is None:
                 return f"command '{cmd}' needs the argument '{name}'"
         for name, value in args.items():
-            if value is not None and not isinstance(value, str):
+            if name in FLAGS:
+                if value is not None and not isinstance(value, bool):
+                    return f"argument '{name}' of '{cmd}' must be true or false"
+            elif value is not None and not isinstance(value, str):
                 return f"argument '{name}' of '{cmd}' must be a string"
         return None
 

@@ -55,6 +55,25 @@ class OOSBitmap:
             self._bits[:] = a.to_bytes(len(self._bits), "little")
             self.epoch += 1
 
+    @property
+    def nbytes(self) -> int:
+        """The bitmap's size in bytes (the file's, and an OUT_OF_SYNC report's)."""
+        return len(self._bits)
+
+    def absorb_masked(self, bits: bytes) -> int:
+        """OR a bitmap of this size from elsewhere (a peer's report) into this one, ignoring
+        bits past the last chunk; how many chunks it set that were clear."""
+        if len(bits) != len(self._bits):
+            raise ValueError(f"a bitmap of {len(bits)} bytes, this one has {len(self._bits)}")
+        other = int.from_bytes(bits, "little") & ((1 << self.nr_chunks) - 1)
+        with self.lock:
+            mine = int.from_bytes(self._bits, "little")
+            new = other & ~mine
+            if new:
+                self._bits[:] = (mine | other).to_bytes(len(self._bits), "little")
+                self.epoch += 1
+            return new.bit_count()
+
     def clear(self, chunks: range, epoch: int) -> bool:
         """Clear chunks that were sent and made durable, unless an absorb came since ``epoch``."""
         with self.lock:

@@ -57,7 +57,7 @@ from repctl.mac import TAG_SIZE, FrameMac
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: OUT_OF_SYNC after every handshake
 MAGIC = int.from_bytes(b"RPL1", "little")
 
 HEADER = struct.Struct("<IHHIIQII")  # magic, version, type, flags, length, seq, crc, reserved
@@ -104,6 +104,7 @@ class FrameType(IntEnum):
     RESYNC_DONE = 33
     CSUM_REQUEST = 34
     CSUM_REPLY = 35
+    OUT_OF_SYNC = 36  # target -> source, once per session: the chunks where the two may differ
     # control
     PAUSE = 48
     RESUME = 49
@@ -978,6 +979,73 @@ class CsumReply(Message):
         )
 
 
+@dataclass(frozen=True)
+class OutOfSync(Message):
+    """OUT_OF_SYNC: a piece of the target's bitmap of chunks where its data and the source's may
+    differ (its own writes as a former primary that the source may lack). The target sends the
+    whole bitmap right after the handshake, in pieces of at most MAX_OOS_PIECE bytes in order,
+    the last one flagged; all zero when it knows of no difference.
+
+    Layout: u64 byte offset of the piece in the bitmap, u32 its length uncompressed, u8 last,
+    3 bytes zero, then the piece compressed with zlib.
+    """
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.OUT_OF_SYNC
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<QIB3x")
+    offset: int
+    bits: bytes
+    last: bool
+
+    def encode(self) -> tuple[Buffer, ...]:
+        if len(self.bits) > MAX_OOS_PIECE:
+            raise ValueError(f"an OUT_OF_SYNC piece holds at most {MAX_OOS_PIECE} bytes")
+        head = self.LAYOUT.pack(self.offset, len(self.bits), int(self.last))
+        return (head, zlib.compress(self.bits, 1))
+
+    @classmethod
+    def decode(cls, payload: memoryview, frame_type: FrameType = FrameType.OUT_OF_SYNC) -> OutOfSync:
+        _need(payload, cls.LAYOUT.size, "OUT_OF_SYNC", exact=False)
+        offset, length, last = cls.LAYOUT.unpack_from(payload)
+        if length > MAX_OOS_PIECE or last > 1 or bytes(payload[13 : cls.LAYOUT.size]) != bytes(3):
+            raise ProtocolError(f"OUT_OF_SYNC piece of {length} bytes, last={last}: malformed")
+        inflate = zlib.decompressobj()
+        try:
+            bits = inflate.decompress(payload[cls.LAYOUT.size :], length + 1)
+        except zlib.error as exc:
+            raise ProtocolError(f"OUT_OF_SYNC piece does not decompress: {exc}") from None
+        if len(bits) != length or not inflate.eof or inflate.unused_data:
+            raise ProtocolError(f"OUT_OF_SYNC piece says {length} bytes but holds another amount")
+        return cls(offset, bits, bool(last))
+
+
+def out_of_sync_pieces(bitmap: bytes) -> list[OutOfSync]:
+    """The OUT_OF_SYNC frames that carry `bitmap`, in order (one, empty, for an empty bitmap)."""
+    pieces = [OutOfSync(off, bitmap[off : off + MAX_OOS_PIECE], False)
+              for off in range(0, len(bitmap), MAX_OOS_PIECE)] or [OutOfSync(0, b"", False)]
+    pieces[-1] = OutOfSync(pieces[-1].offset, pieces[-1].bits, True)
+    return pieces
+
+
+def receive_out_of_sync(conn: FramedConnection, nbytes: int) -> bytes:
+    """Read the OUT_OF_SYNC frames of a bitmap of `nbytes` bytes (see `OutOfSync`): its bytes.
+    ProtocolError if another frame comes first, or the pieces do not tile the bitmap exactly."""
+    out = bytearray()
+    while True:
+        msg = conn.recv_message()
+        if not isinstance(msg, OutOfSync):
+            raise ProtocolError(f"expected OUT_OF_SYNC after the handshake, got {type(msg).__name__}")
+        if msg.offset != len(out) or len(out) + len(msg.bits) > nbytes:
+            raise ProtocolError(f"OUT_OF_SYNC piece at byte {msg.offset} of {len(msg.bits)} bytes "
+                                f"does not follow the {len(out)} bytes before it in a bitmap "
+                                f"of {nbytes} bytes")
+        out += msg.bits
+        if msg.last:
+            if len(out) not in (0, nbytes):
+                raise ProtocolError(f"OUT_OF_SYNC bitmap of {len(out)} bytes, expected {nbytes}")
+            return bytes(out) if out else bytes(nbytes)
+
+
+MAX_OOS_PIECE = 4 << 20  # bytes of bitmap per OUT_OF_SYNC frame, uncompressed (128 GiB at 4 KiB)
 MAX_CSUM_CHUNKS = (MAX_PAYLOAD - CsumReply.LAYOUT.size) // 32
 # The most data one CSUM_REQUEST may cover (count x chunk size): the target refuses more, so a
 # request never makes it read gigabytes at once.
@@ -997,6 +1065,7 @@ _DECODERS: dict[FrameType, Callable[[memoryview, FrameType], Message]] = {
     FrameType.RESYNC_DONE: ResyncDone.decode,
     FrameType.CSUM_REQUEST: CsumRequest.decode,
     FrameType.CSUM_REPLY: CsumReply.decode,
+    FrameType.OUT_OF_SYNC: OutOfSync.decode,
     FrameType.PAUSE: Pause.decode,
     FrameType.RESUME: Resume.decode,
     FrameType.PING: Ping.decode,

@@ -19,7 +19,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from repctl.daemon.state import LinkState
+from repctl.daemon.state import LinkState, Role
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -193,6 +193,7 @@ def _lag(lag: object) -> str:
 STATUS_COLUMNS: Sequence[Column] = (
     Column("resource", "Resource"),
     Column("role", "Role"),
+    Column("disk", "Disk"),
     Column("target", "Target"),
     Column("mode", "Mode"),
     Column("state", "State", state_text),
@@ -207,14 +208,14 @@ STATUS_COLUMNS: Sequence[Column] = (
 def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per (resource, target) for `STATUS_COLUMNS`.
 
-    A resource this node is a target of has one row: its source in the Target column
+    A resource this node is a secondary of has one row: its primary in the Target column
     (``<- alpha``) and the bytes received in the Sent column (``recv 1.0 MiB``).
     """
     rows: list[dict[str, Any]] = []
     for res in status.get("resources") or []:
-        base = {"resource": res.get("name"), "role": res.get("role")}
+        base = {"resource": res.get("name"), "role": res.get("role"), "disk": res.get("disk")}
         targets = res.get("targets") or []
-        if res.get("role") == "target" or not targets:
+        if res.get("role") == Role.SECONDARY or not targets:
             source = res.get("source")
             received = res.get("bytes_received")
             rows.append({
@@ -240,8 +241,8 @@ def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-_KNOWN_RES = {"name", "role", "device", "kernel", "targets", "source", "connection", "state",
-              "consistent", "bytes_received", "last_error", "size"}
+_KNOWN_RES = {"name", "role", "disk", "device", "kernel", "targets", "source", "connection",
+              "state", "consistent", "bytes_received", "last_error", "size"}
 _KNOWN_TARGET = {"name", "mode", "state", "connection", "address", "out_of_sync_bytes",
                  "bytes_sent", "lag_bytes", "lag_records", "sync", "last_error", "admin", "verify"}
 

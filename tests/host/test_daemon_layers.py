@@ -12,7 +12,7 @@ import pytest
 from repctl.daemon import state as S
 
 PKG = Path(__file__).resolve().parents[2] / "pyctl" / "repctl"
-ORDER = ["state", "events", "base", "verify", "link", "source", "target", "service"]
+ORDER = ["state", "events", "base", "verify", "link", "source", "target", "failover", "service"]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -60,15 +60,16 @@ def test_nothing_below_the_daemon_imports_it() -> None:
         used = {m for m in imports_of(path) if m.startswith("repctl.daemon")}
         if path.name in allowed:
             assert used <= {"repctl.daemon", "repctl.daemon.Daemon", "repctl.daemon.state",
-                            "repctl.daemon.state.LinkState"}, (path.name, used)
+                            "repctl.daemon.state.LinkState", "repctl.daemon.state.Role"}, (path.name, used)
         else:
             assert not used, (path.name, used)
 
 
 @pytest.mark.parametrize("enum", [S.Role, S.Admin, S.LinkState, S.Connection, S.ReplicaState,
-                                  S.Event])
+                                  S.Event, S.DiskState])
 def test_states_serialise_as_their_word(enum: type) -> None:
     for member in enum:
         assert json.loads(json.dumps(member)) == member.value == str(member) == f"{member}"
         assert enum(member.value) is member
-        assert member.value == member.name.lower()
+        assert member.value.lower() == member.name.lower().replace("_", "" if enum is S.DiskState
+                                                                   else "_")

@@ -44,7 +44,8 @@ def free_port() -> int:
 
 
 def write_config(tmp: Path, *, data_size: int = SIZE, target_size: int = SIZE,
-                 chunk: int = CHUNK, target: dict[str, Any] | None = None) -> Any:
+                 chunk: int = CHUNK, target: dict[str, Any] | None = None,
+                 beta_metadata: bool = False) -> Any:
     data, image = tmp / "data.img", tmp / "replica.img"
     for path, size in ((data, data_size), (image, target_size)):
         with open(path, "wb") as f:
@@ -60,7 +61,9 @@ def write_config(tmp: Path, *, data_size: int = SIZE, target_size: int = SIZE,
             "port": free_port(), "source": "alpha", "chunk_size": chunk,
             "nodes": {"alpha": {"address": SRC_ADDR, "device": str(data),
                                 "metadata": str(tmp / "md.img")},
-                      "beta": {"address": TGT_ADDR, "device": str(image)}},
+                      "beta": {"address": TGT_ADDR, "device": str(image),
+                               **({"metadata": str(tmp / "beta-md.img")} if beta_metadata
+                                  else {})}},
             "targets": {"beta": target or {"mode": "sync"}},
         }},
     }))
@@ -84,6 +87,7 @@ class Target:
         conn = P.FramedConnection(sock)
         local = P.HandshakeInfo("r0", "alpha", P.Role.SOURCE, SIZE, self.cfg.chunk_size, gens)
         P.handshake(conn, local, SECRET.encode(), P.Expect(frozenset({"beta"})), timeout=5)
+        self.report = P.receive_out_of_sync(conn, SIZE // self.cfg.chunk_size // 8)
         return conn
 
     def stop(self) -> None:
@@ -168,7 +172,7 @@ def test_a_second_source_connection_is_refused_busy(target: Target) -> None:
     with pytest.raises(HandshakeRefused) as err:
         target.connect()
     assert err.value.reason == P.RefuseReason.BUSY and err.value.remote
-    assert "already connected to its source alpha" in err.value.text
+    assert "already connected to its primary alpha" in err.value.text
     first.send_message(P.Ping(9))
     assert first.recv_message() == P.Pong(9, 0)  # the first one is untouched
     first.close()
@@ -177,12 +181,12 @@ def test_a_second_source_connection_is_refused_busy(target: Target) -> None:
 def test_a_flood_of_unauthenticated_connections_is_shed(target: Target) -> None:
     socks = [socket.create_connection((TGT_ADDR, target.cfg.port)) for _ in range(20)]
     try:
-        until(lambda: target.res.pending <= T.MAX_PENDING_HANDSHAKES, "pending handshakes capped")
-        assert target.res.pending <= T.MAX_PENDING_HANDSHAKES
+        until(lambda: target.res.listener.pending <= B.MAX_PENDING_HANDSHAKES, "pending handshakes capped")
+        assert target.res.listener.pending <= B.MAX_PENDING_HANDSHAKES
     finally:
         for s in socks:
             s.close()
-    until(lambda: target.res.pending == 0, "the shed and closed connections to be gone")
+    until(lambda: target.res.listener.pending == 0, "the shed and closed connections to be gone")
     target.connect().close()
 
 

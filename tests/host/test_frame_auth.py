@@ -211,7 +211,7 @@ def test_the_handshake_has_an_overall_deadline():
     """A peer sending one byte every 0.2 s never trips a per-recv timeout; the deadline ends it."""
     a, b = socket.socketpair()
     with a, b:
-        hello = p.Hello(1, p.Role.SOURCE, "r0", "alpha", "beta", 1 << 30, 4096,
+        hello = p.Hello(p.PROTOCOL_VERSION, p.Role.SOURCE, "r0", "alpha", "beta", 1 << 30, 4096,
                         p.Generations(5), b"n" * 32)  # fmt: skip
         frame = b"".join(bytes(v) for v in p.encode_frame(p.FrameType.HELLO, 1, hello.encode()))
         stop = threading.Event()
@@ -245,7 +245,7 @@ def test_a_large_frame_before_authentication_is_refused_unread():
 
 
 def test_the_largest_handshake_frames_fit_the_cap():
-    hello = p.Hello(1, p.Role.SOURCE, "r" * 255, "n" * 255, "m" * 255, 1, 4096,
+    hello = p.Hello(p.PROTOCOL_VERSION, p.Role.SOURCE, "r" * 255, "n" * 255, "m" * 255, 1, 4096,
                     p.Generations(5, (1, 2, 3, 4)), b"n" * 32)  # fmt: skip
     assert len(hello.encode()[0]) <= p.MAX_HANDSHAKE_PAYLOAD
     refuse = p.Refuse(p.RefuseReason.POLICY, "x" * 5000)

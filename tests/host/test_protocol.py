@@ -101,7 +101,7 @@ def test_frame_type_numbers_are_fixed():
     assert {t.name: t.value for t in p.FrameType} == {
         "HELLO": 1, "CHALLENGE_RESPONSE": 2, "WELCOME": 3, "REFUSE": 4,
         "WRITE": 16, "FLUSH": 17, "DISCARD": 18, "WRITE_ZEROES": 19, "ACK": 20,
-        "RESYNC_CHUNK": 32, "RESYNC_DONE": 33, "CSUM_REQUEST": 34, "CSUM_REPLY": 35,
+        "RESYNC_CHUNK": 32, "RESYNC_DONE": 33, "CSUM_REQUEST": 34, "CSUM_REPLY": 35, "OUT_OF_SYNC": 36,
         "PAUSE": 48, "RESUME": 49, "PING": 50, "PONG": 51, "ERROR": 63,
     }  # fmt: skip
     assert [r.value for r in p.RefuseReason] == list(range(1, 12))
@@ -150,6 +150,7 @@ EVERY_MESSAGE: list[p.Message] = [
     p.ResyncDone(99),
     p.CsumRequest(1000, 64, p.DigestAlgorithm.SHA256),
     p.CsumReply(1000, (b"\x11" * 32, b"\x22" * 32), p.DigestAlgorithm.SHA256),
+    p.OutOfSync(4 << 20, b"\x00\x81" * 64, True),
     p.Pause(),
     p.Resume(),
     p.Ping(7, 123456789),
@@ -307,8 +308,8 @@ def test_bad_magic(pair):
 
 
 def test_other_version(pair):
-    error = forged(pair, raw_frame(p.FrameType.PING, 1, bytes(16), version=2))
-    assert "unsupported protocol version 2 in frame 1 (this side speaks 1)" in str(error)
+    error = forged(pair, raw_frame(p.FrameType.PING, 1, bytes(16), version=3))
+    assert "unsupported protocol version 3 in frame 1 (this side speaks 2)" in str(error)
 
 
 def test_unknown_header_flags(pair):
@@ -442,8 +443,8 @@ def shake(
 
 def test_handshake_succeeds_and_returns_the_authenticated_peer():
     src, tgt = shake(info("alpha", p.Role.SOURCE), info("beta", p.Role.TARGET, size=3 * GiB))
-    assert src == p.PeerInfo(1, "r0", "beta", p.Role.TARGET, 3 * GiB, 4096, p.Generations(5, (4,)))
-    assert tgt == p.PeerInfo(1, "r0", "alpha", p.Role.SOURCE, 2 * GiB, 4096, p.Generations(5, (4,)))
+    assert src == p.PeerInfo(p.PROTOCOL_VERSION, "r0", "beta", p.Role.TARGET, 3 * GiB, 4096, p.Generations(5, (4,)))
+    assert tgt == p.PeerInfo(p.PROTOCOL_VERSION, "r0", "alpha", p.Role.SOURCE, 2 * GiB, 4096, p.Generations(5, (4,)))
 
 
 def test_connection_streams_after_the_handshake():
@@ -474,7 +475,7 @@ def hand_rolled_target(conn: p.FramedConnection, mac: bytes | None = None) -> li
     got = [conn.recv_message()]
     hello = got[0]
     assert isinstance(hello, p.Hello)
-    conn.send_message(p.Hello(1, p.Role.TARGET, "r0", "beta", hello.node, 4 * GiB, 4096,
+    conn.send_message(p.Hello(p.PROTOCOL_VERSION, p.Role.TARGET, "r0", "beta", hello.node, 4 * GiB, 4096,
                               p.Generations(5), b"\x07" * 32))  # fmt: skip
     conn.send_message(p.ChallengeResponse(mac or b"\0" * 32))
     while True:
@@ -640,14 +641,14 @@ def test_other_protocol_version_is_refused():
     with a, b:
         tgt = in_thread(lambda: p.handshake(cb, info("beta", p.Role.TARGET), SECRET,
                                             p.Expect(frozenset({"alpha"}))))  # fmt: skip
-        future_hello = struct.pack("<H", 2) + b"whatever version 2 puts here"
-        a.sendall(raw_frame(p.FrameType.HELLO, 1, future_hello, version=2))
+        future_hello = struct.pack("<H", 3) + b"whatever version 3 puts here"
+        a.sendall(raw_frame(p.FrameType.HELLO, 1, future_hello, version=3))
         refusal = ca.recv_message()
         a.close()
         err = tgt()
     assert isinstance(refusal, p.Refuse) and refusal.reason == p.RefuseReason.VERSION
     assert isinstance(err, HandshakeRefused)
-    assert "protocol version 2 is not supported (this side speaks 1)" in str(err)
+    assert "protocol version 3 is not supported (this side speaks 2)" in str(err)
 
 
 def test_unexpected_frame_in_the_handshake_is_a_protocol_error():
@@ -679,7 +680,7 @@ def test_nonce_reflection_is_refused():
         src = in_thread(lambda: p.handshake(ca, info("alpha", p.Role.SOURCE), SECRET,
                                             p.Expect(frozenset({"beta"}))))  # fmt: skip
         hello = cb.recv_message()
-        cb.send_message(p.Hello(1, p.Role.TARGET, "r0", "beta", "alpha", 2 * GiB, 4096,
+        cb.send_message(p.Hello(p.PROTOCOL_VERSION, p.Role.TARGET, "r0", "beta", "alpha", 2 * GiB, 4096,
                                 p.Generations(1), hello.nonce))  # fmt: skip
         b.close()
         err = src()
@@ -688,8 +689,8 @@ def test_nonce_reflection_is_refused():
 
 def test_mac_covers_the_documented_fields():
     digest_a, digest_b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
-    receiver = p.Hello(1, p.Role.TARGET, "r0", "beta", "alpha", GiB, 4096, GENERATIONS, b"B" * 32)
-    sender = p.Hello(1, p.Role.SOURCE, "r0", "alpha", "beta", GiB, 4096, GENERATIONS, b"A" * 32)
+    receiver = p.Hello(p.PROTOCOL_VERSION, p.Role.TARGET, "r0", "beta", "alpha", GiB, 4096, GENERATIONS, b"B" * 32)
+    sender = p.Hello(p.PROTOCOL_VERSION, p.Role.SOURCE, "r0", "alpha", "beta", GiB, 4096, GENERATIONS, b"A" * 32)
     message = (
         b"repl-auth-v1" + b"\x01" + b"A" * 32 + b"B" * 32
         + b"\x02r0" + b"\x05alpha" + b"\x04beta" + digest_a + digest_b

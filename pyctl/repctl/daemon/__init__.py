@@ -9,6 +9,7 @@ One module per concern, each importing only those above it in this list:
 * `link`: the source's view of one target (connection, stream position, OOS bitmap);
 * `source`: a resource this node is the source of: device, engine, links;
 * `target`: a resource this node is a target of: listener, apply, acknowledge;
+* `failover`: roles and the steps of a role change (role file, probes, the returning primary);
 * `service`: the `Daemon`, the service layer the control socket dispatches to.
 
 Nothing outside this package imports it but the CLI's `daemon` verb and the tests. The names

@@ -41,6 +41,9 @@ ASYNC_NICE = 10          # CPU priority of an async link's thread: the applicati
 RECONNECT_DELAY = 1.0
 FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
 
+# refusals that mean a split brain: our data and the peer's diverged, or both are primary
+SPLIT_REASONS = frozenset({P.RefuseReason.SPLIT_BRAIN, P.RefuseReason.ROLE_CONFLICT})
+
 LINK_STATE_ACTION = "the target is taken as up (not paused); check it with `repctl status`"
 OOS_ACTION = ("every chunk is taken as out of sync for this target: it gets a full resync; "
               "the corrupt file is kept beside it for inspection")
@@ -115,6 +118,13 @@ class Link:
             self.res.events.emit(resource=self.res.name, target=self.name, what=Event.STATE,
                                  old=old, new=state, text=why)
 
+    def set_in_session(self, on: bool) -> None:
+        """Record, durably, whether the target receives every write now (docs/failover.md: a
+        primary that crashed while its peer was in session rejoins it by itself)."""
+        if bool(self.saved.get("in_session")) is not on:
+            self.saved["in_session"] = on
+            save_json(self.state_path, self.saved)
+
     @property
     def admin(self) -> Admin:
         return self.saved["admin"]  # type: ignore[no-any-return]
@@ -174,18 +184,42 @@ class Link:
         except BaseException:
             conn.close()
             raise
+        try:
+            sock.settimeout(60)  # a large report takes a while on a slow link
+            self._take_report(conn, local.generations, peer.generations)
+        except BaseException:
+            conn.close()
+            raise
         sock.settimeout(None)
-        if P.compare_generations(local.generations, peer.generations) is not P.GenerationRelation.EQUAL:
-            log.info("%s/%s: target holds no data of this generation: full sync", res.name, self.name)
-            self.oos.set_all()
-            self.oos.save()
         return conn
+
+    def _take_report(self, conn: P.FramedConnection, mine: P.Generations,
+                     theirs: P.Generations) -> None:
+        """Decide what the target needs after the handshake: the OOS bitmap holds what it lacks
+        if it holds our generation, or the one this link's bitmap was kept against (`peer_gen`:
+        a former primary, or a target that was in sync when it left); anything else gets a full
+        sync. Then OR in the chunks the target reports as its own changes (OUT_OF_SYNC)."""
+        res = self.res
+        if not (theirs.current == mine.current or theirs.current == self.saved.get("peer_gen")):
+            log.info("%s/%s: target holds no data this bitmap was kept against: full sync",
+                     res.name, self.name)
+            self.oos.set_all()
+        bits = P.receive_out_of_sync(conn, self.oos.nbytes)
+        changed = self.oos.absorb_masked(bits)
+        if changed:
+            log.info("%s/%s: the target reports %d chunks of its own that may differ: resynced too",
+                     res.name, self.name, changed)
+        self.oos.save()
 
     def _drop(self, why: str, quiet: bool = False) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
         self.res.unjoin(self)
+        if not self.res.stopping.is_set():
+            # out of session while the device serves writes; a stop (down, demote, a crash)
+            # leaves the record as it was: no write came after it
+            self.set_in_session(False)
         if not quiet:
             self.last_error = why
             log.warning("%s/%s: %s", self.res.name, self.name, why)
@@ -257,7 +291,11 @@ class Link:
                 conn = self._connect()
             except (OSError, ReplError) as e:
                 self.last_error = str(e)
-                self.refusal = e if isinstance(e, HandshakeRefused) else None
+                refusal = e if isinstance(e, HandshakeRefused) else None
+                if refusal is not None and refusal.reason in SPLIT_REASONS and (
+                        self.refusal is None or self.refusal.reason != refusal.reason):
+                    self.res.split_brain(self.name, str(refusal))
+                self.refusal = refusal
                 log.warning("%s/%s: cannot connect to %s:%s: %s", self.res.name, self.name,
                             *self.address, e)
                 self.wake.wait(RECONNECT_DELAY)
@@ -308,7 +346,7 @@ class Link:
             self.wake.clear()
             return "waiting to be admitted to the stream"
         if s.gen != self.join_gen:
-            self._admitted(s)
+            self._admitted(conn, s)
         sent = self._send_records(conn, s.gen)
         resynced = None
         if self.state in (LinkState.SYNCING, LinkState.BEHIND):
@@ -323,10 +361,11 @@ class Link:
             self.res.consumer.wait(max(self.pos - 1, 0), 100)
         return "idle"
 
-    def _admitted(self, s: _Session) -> None:
+    def _admitted(self, conn: P.FramedConnection, s: _Session) -> None:
         """Admitted (again) by the engine: stream from the admission's mark, resync the OOS."""
         s.gen, self.pos = self.join_gen, self.join_pos
         s.restart(self.oos)
+        self.set_in_session(True)
         pending = self.oos.count()
         self.sync_total, self.sync_done = pending * self.res.chunk_bytes, 0
         self.sync_started = time.monotonic()
@@ -334,7 +373,17 @@ class Link:
             self.set_state(LinkState.BEHIND if self.state is LinkState.STREAMING
                            else LinkState.SYNCING, f"{pending} chunks to resync")
         else:
-            self.set_state(LinkState.STREAMING)
+            self._resync_done(conn, "nothing to resync")
+
+    def _resync_done(self, conn: P.FramedConnection, why: str) -> None:
+        """The target holds our data but for the records in flight: it takes our generation,
+        and this link's bitmap is kept against it from now on."""
+        conn.send_message(P.ResyncDone(0))
+        gen = self.res.generations().current
+        if self.saved.get("peer_gen") != gen:
+            self.saved["peer_gen"] = gen
+            save_json(self.state_path, self.saved)
+        self.set_state(LinkState.STREAMING, why)
 
     def _resync_step(self, conn: P.FramedConnection, s: _Session) -> str | None:
         """Send the next run of out-of-sync chunks, ping each full window, and clear the chunks
@@ -365,8 +414,7 @@ class Link:
         if self.oos.count():
             s.restart(self.oos)  # an absorb added chunks meanwhile: another pass
             return "another resync pass"
-        conn.send_message(P.ResyncDone(0))
-        self.set_state(LinkState.STREAMING, "resync finished")
+        self._resync_done(conn, "resync finished")
         return None
 
     def _send_records(self, conn: P.FramedConnection, gen: int) -> int:

@@ -5,29 +5,48 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import stat
 from pathlib import Path
 from typing import Any
 
-from repctl import dm
-from repctl.config import Config
+from repctl import dm, metadata
+from repctl import protocol as P
+from repctl.config import Config, Fencing, MountAction, Resource
 from repctl.daemon.events import Events
+from repctl.daemon.failover import (
+    Probe,
+    ProbeKind,
+    device_users,
+    load_role,
+    may_rejoin,
+    probe,
+    save_role,
+    start_as_primary,
+)
 from repctl.daemon.link import Link
-from repctl.daemon.source import SourceResource
-from repctl.daemon.state import Admin, Event, LinkState, Role
+from repctl.daemon.source import SourceResource, check_generation, mapping_of
+from repctl.daemon.state import Admin, DiskState, Event, LinkState, Role, transition_refusal
 from repctl.daemon.target import TargetResource
 from repctl.errors import ReplError
+from repctl.hooks import Executor, HookEvent, apply_actions, run_hooks, undo_actions
+from repctl.statefile import StateError, load_json, save_json
 
 log = logging.getLogger("repctl.daemon")
 
 __all__ = ["Daemon"]
 
+DRAIN_TIMEOUT = 60.0  # seconds a demote waits for the targets in session to hold every write
+
 
 class Daemon:
     """The service layer the control socket dispatches to."""
 
-    def __init__(self, config: Config, node: str | None = None):
+    def __init__(self, config: Config, node: str | None = None,
+                 executor: Executor | None = None):
         self.config = config
+        self.executor = executor or Executor()  # every hook and action runs through it
         self.state_dir = Path(config.global_.state_dir)
         self.events = Events()
         self.node = self._find_node(config, node)
@@ -46,11 +65,77 @@ class Daemon:
 
     def _make(self, name: str) -> SourceResource | TargetResource | None:
         cfg = self.config.resource(name)
-        if self.node == cfg.source:
-            return SourceResource(self, cfg)
-        if self.node in cfg.targets:
-            return TargetResource(self, cfg)
-        return None
+        if self.node != cfg.source and self.node not in cfg.targets:
+            return None  # a node of the file that takes no part in this resource
+        folder = self.state_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        role = load_role(folder, cfg, self.node)
+        if role is Role.PRIMARY and self._returning(cfg) is Role.SECONDARY:
+            role = Role.SECONDARY
+        return SourceResource(self, cfg) if role is Role.PRIMARY else TargetResource(self, cfg)
+
+    def _returning(self, cfg: Resource) -> Role:
+        """A primary whose device is not up yet (a reboot, a crash, `down`) looks for another
+        primary before it exposes its device. If a peer was promoted meanwhile and may take this
+        node back as a secondary (failover.may_rejoin), it does; if the two may have diverged,
+        the resource stays down with the reason (never resolved silently)."""
+        folder = self.state_dir / cfg.name
+        try:
+            gen = load_json(folder / "generation.json", {}, action="see `repctl status`",
+                            check=check_generation)
+        except StateError:
+            return Role.PRIMARY  # SourceResource reports the corrupt file
+        if "current" not in gen:
+            return Role.PRIMARY  # never was primary with data: nothing to protect
+        try:
+            if mapping_of(cfg.name, str(cfg.nodes[self.node].device)):
+                return Role.PRIMARY  # up already (a daemon restart): the role stands
+        except ReplError as e:  # another device holds the name: ours is not up; start says why
+            log.warning("%s: %s", cfg.name, e)
+        mine = P.Generations(int(gen["current"]), tuple(gen.get("history", ())))
+        primaries = [p for p in self._probe(cfg, mine).values() if p.kind is ProbeKind.PRIMARY]
+        if not primaries:
+            return Role.PRIMARY
+        why = may_rejoin(folder, cfg, self.node, mine, primaries[0])
+        if why is not None:
+            self._split_brain(cfg, primaries[0].peer, why)
+            raise ReplError(f"resource {cfg.name}: {why}")
+        self._become_secondary(cfg, mine, f"{primaries[0].peer} was promoted: this node, the "
+                               "former primary, returns as its secondary")
+        return Role.SECONDARY
+
+    def _probe(self, cfg: Resource, gens: P.Generations) -> dict[str, Probe]:
+        """What every other node of the resource is now, asked over the network."""
+        local = P.HandshakeInfo(resource=cfg.name, node=self.node, role=P.Role.SOURCE,
+                                device_size=metadata.device_bytes(str(cfg.nodes[self.node].device)),
+                                chunk_size=cfg.chunk_size, generations=gens)
+        secret = self.config.read_secret(cfg.name)
+        return {peer: probe(cfg, self.node, peer, secret, local)
+                for peer in cfg.targets_for(self.node)}
+
+    def _become_secondary(self, cfg: Resource, gens: P.Generations, why: str,
+                          *, discard: bool = False) -> None:
+        """Persist this node as a secondary holding `gens`, whose own changes as a primary the
+        next primary resyncs (`local_changes`). With `discard`, its data counts for nothing: it
+        takes no generation and gets a full sync."""
+        folder = self.state_dir / cfg.name
+        save_json(folder / "target.json", {
+            "current": 0 if discard else gens.current, "history": [] if discard else list(gens.history),
+            "consistent": True, "source": None, "local_changes": not discard})
+        save_role(folder, Role.SECONDARY)
+        log.warning("%s: %s", cfg.name, why)
+        self.events.emit(resource=cfg.name, what=Event.ROLE, old=Role.PRIMARY,
+                         new=Role.SECONDARY, text=why)
+
+    def _split_brain(self, cfg: Resource, peer: str, why: str) -> None:
+        """As SourceResource.split_brain, for a resource that stays down."""
+        log.error("%s: split brain with %s: %s", cfg.name, peer, why)
+        self.events.emit(resource=cfg.name, what=Event.SPLIT_BRAIN, peer=peer, text=why)
+        try:
+            run_hooks(cfg, HookEvent.SPLIT_BRAIN, node=self.node, peer=peer,
+                      role=Role.PRIMARY, executor=self.executor)
+        except ReplError as e:
+            log.error("%s: %s", cfg.name, e)
 
     def start(self) -> None:
         for name, cfg in self.config.resources.items():
@@ -81,8 +166,9 @@ class Daemon:
     def _source(self, name: str) -> SourceResource:
         res = self._res(name)
         if not isinstance(res, SourceResource):
-            raise ReplError(f"resource {name}: {self.node} is a target; run this on the source "
-                            f"({self.config.resource(name).source})")
+            where = f" ({res.peer})" if res.peer else ""
+            raise ReplError(f"resource {name}: {self.node} is a secondary; run this on the "
+                            f"primary{where}")
         return res
 
     def up(self, resource: str) -> str:
@@ -90,7 +176,8 @@ class Daemon:
             return f"{resource} is already up"
         res = self._make(resource)
         if res is None:
-            raise ReplError(f"resource {resource}: node {self.node} is neither its source nor a target")
+            raise ReplError(f"resource {resource}: node {self.node} is neither its source nor "
+                            "one of its targets in the configuration")
         try:
             res.start()
         except BaseException:
@@ -99,7 +186,163 @@ class Daemon:
             raise
         self.resources[resource] = res
         self.failed.pop(resource, None)
-        return f"{resource} is up as {Role.SOURCE if isinstance(res, SourceResource) else Role.TARGET}"
+        return f"{resource} is up as {_role_of(res)}"
+
+    # -- role changes (docs/failover.md) ------------------------------------
+    def promote(self, resource: str, force: bool = False) -> str:
+        """Make this secondary the primary. Every check runs before anything changes: the
+        transition rules (state.transition_refusal), a peer still primary or connected to one,
+        the fence-peer hook for unreachable peers when fencing is on, the before-promote hook.
+        Then a new generation, the device, the actions, the after-promote hook."""
+        cfg = self.config.resource(resource)
+        res = self._res(resource)
+        if isinstance(res, SourceResource):
+            raise ReplError(f"{resource}: this node ({self.node}) is already the primary")
+        why = transition_refusal(Role.SECONDARY, Role.PRIMARY, res.disk_state(), force=force)
+        if why:
+            raise ReplError(f"{resource}: cannot promote {self.node}: {why}")
+        node = cfg.nodes[self.node]
+        if node.metadata is None:
+            raise ReplError(f"{resource}: cannot promote {self.node}: it has no metadata device "
+                            f"(resources.{resource}.nodes.{self.node}.metadata in "
+                            f"{self.config.file}): it can only be a secondary")
+        if res.peer is not None:
+            raise ReplError(f"{resource}: cannot promote {self.node}: {res.peer} is connected as "
+                            f"the primary; run `repctl demote {resource}` on {res.peer} first")
+        probes = self._probe(cfg, res.generations())
+        for p in probes.values():
+            if p.kind is ProbeKind.PRIMARY:
+                raise ReplError(f"{resource}: cannot promote {self.node}: {p.peer} is reachable "
+                                f"and primary; run `repctl demote {resource}` on {p.peer} first")
+            if p.kind is ProbeKind.BUSY:
+                raise ReplError(f"{resource}: cannot promote {self.node}: {p.peer} is connected "
+                                f"to a primary ({p.text})")
+            if p.kind is ProbeKind.REFUSED:
+                raise ReplError(f"{resource}: cannot promote {self.node}: {p.peer} answered but "
+                                f"refused this node ({p.text}); it could not say whether it is "
+                                "primary: fix that first")
+        if not stat.S_ISBLK(os.stat(node.device).st_mode):
+            raise ReplError(f"{resource}: cannot promote {self.node}: its copy {node.device} is an "
+                            "image file; only a block device can carry /dev/mapper/"
+                            f"{resource}")
+        sb = self._metadata_for_promote(cfg)
+        if cfg.fencing is Fencing.RESOURCE_AND_STONITH:
+            for p in probes.values():
+                if p.kind is ProbeKind.UNREACHABLE:
+                    try:
+                        run_hooks(cfg, HookEvent.FENCE_PEER, node=self.node, peer=p.peer,
+                                  role=Role.SECONDARY, executor=self.executor)
+                    except ReplError as e:
+                        raise ReplError(f"{resource}: cannot promote {self.node}: {p.peer} is "
+                                        f"unreachable and fencing it failed: {e}") from None
+        run_hooks(cfg, HookEvent.BEFORE_PROMOTE, node=self.node, peer=None,
+                  role=Role.SECONDARY, executor=self.executor)
+        if force and res.disk_state() is not DiskState.UP_TO_DATE:
+            log.warning("%s: promoting %s by force with data %s", resource, self.node,
+                        res.disk_state())
+        # from here on the node changes: a new generation before the device can be written
+        old, last = res.generations(), res.saved.get("source")
+        res.stop()
+        del self.resources[resource]
+        start_as_primary(self.state_dir / resource, cfg, self.node, old, last, sb.uuid)
+        save_role(self.state_dir / resource, Role.PRIMARY)
+        self.events.emit(resource=resource, what=Event.ROLE, old=Role.SECONDARY, new=Role.PRIMARY,
+                         text="promoted" + (" by force" if force else ""))
+        self.up(resource)
+        try:
+            apply_actions(cfg, self.executor)
+            run_hooks(cfg, HookEvent.AFTER_PROMOTE, node=self.node, peer=None,
+                      role=Role.PRIMARY, executor=self.executor)
+        except ReplError as e:
+            raise ReplError(f"{resource}: {self.node} is primary and /dev/mapper/{resource} is up, "
+                            f"but {e}") from None
+        return f"{resource}: {self.node} is the primary"
+
+    def _metadata_for_promote(self, cfg: Resource) -> metadata.Superblock:
+        """This node's metadata superblock, formatted now if the device holds nothing."""
+        node = cfg.nodes[self.node]
+        assert node.metadata is not None
+        size = metadata.device_bytes(str(node.device))
+        sb = metadata.read_superblock(node.metadata)
+        if sb is None:
+            metadata.format_metadata(node.metadata, size // 512, cfg.chunk_size // 512)
+            sb = metadata.read_superblock(node.metadata)
+            assert sb is not None
+        elif sb.data_sectors != size // 512 or sb.chunk_sectors != cfg.chunk_size // 512:
+            raise ReplError(f"{cfg.name}: cannot promote {self.node}: the metadata on "
+                            f"{node.metadata} was made for another device size or chunk size; "
+                            f"`repctl create-md {cfg.name} --force` formats it anew")
+        return sb
+
+    def demote(self, resource: str) -> str:
+        """Make this primary a secondary: before-demote hook, the actions undone, the device
+        closed by everyone, the writes drained to the targets in session, the device removed."""
+        cfg = self.config.resource(resource)
+        res = self._source(resource)
+        mounts = {str(a.mountpoint) for a in cfg.actions if isinstance(a, MountAction)}
+        users = [u for u in device_users(res.dev_path)
+                 if not (u.startswith("mounted on ") and u[len("mounted on "):] in mounts)]
+        if users:
+            raise ReplError(f"{resource}: cannot demote {self.node}: {res.dev_path} is in use "
+                            f"({', '.join(users)}); stop those first")
+        run_hooks(cfg, HookEvent.BEFORE_DEMOTE, node=self.node, peer=None, role=Role.PRIMARY,
+                  executor=self.executor)
+        undo_actions(cfg, self.executor)
+        with dm.DMControl() as ctl:
+            opened = ctl.info(resource).open_count - 1  # the daemon's own resync reader
+        if opened > 0:
+            users = device_users(res.dev_path)
+            raise ReplError(f"{resource}: cannot demote {self.node}: {res.dev_path} is still "
+                            f"open ({', '.join(users) or f'{opened} opener(s)'}); the actions "
+                            "were undone; close it and run demote again")
+        late = res.drain(DRAIN_TIMEOUT)
+        gens = res.generations()
+        res.stop(remove=True)
+        del self.resources[resource]
+        self._become_secondary(cfg, gens, "demoted")
+        self.up(resource)
+        try:
+            run_hooks(cfg, HookEvent.AFTER_DEMOTE, node=self.node, peer=None,
+                      role=Role.SECONDARY, executor=self.executor)
+        except ReplError as e:
+            raise ReplError(f"{resource}: {self.node} is a secondary now, but {e}") from None
+        text = f"{resource}: {self.node} is a secondary"
+        if late:
+            text += (f"; {', '.join(late)} did not hold every write: the next primary resyncs "
+                     "them from this node's bitmap")
+        return text
+
+    def resolve(self, resource: str, discard_local: bool = False) -> str:
+        """Settle a split brain on its victim: this node becomes a secondary whose own changes
+        since the split are overwritten by the primary's data (DRBD's --discard-my-data)."""
+        if not discard_local:
+            raise ReplError(f"{resource}: resolve needs --discard-local, run on the node whose "
+                            "changes since the split are to be overwritten")
+        cfg = self.config.resource(resource)
+        res = self.resources.get(resource)
+        if isinstance(res, SourceResource):
+            self.demote(resource)
+            res = self.resources.get(resource)
+        if isinstance(res, TargetResource):
+            gens = res.generations()
+            res.stop()
+            del self.resources[resource]
+        else:
+            try:
+                gen = load_json(self.state_dir / resource / "generation.json", {},
+                                action="taken as no generation: a full sync")
+                gens = P.Generations(int(gen["current"]), tuple(gen.get("history", ())))
+            except (StateError, KeyError, ValueError):
+                gens = P.Generations(0)
+        # the primary takes our changes back only if its data descends from ours
+        known = [p for p in self._probe(cfg, gens).values()
+                 if p.kind is ProbeKind.PRIMARY and p.generations is not None
+                 and gens.current in p.generations.history]
+        self._become_secondary(cfg, gens, "split brain resolved: this node's changes are "
+                               "discarded", discard=not known)
+        self.up(resource)
+        how = "its changed chunks" if known else "everything (no common generation)"
+        return f"{resource}: {self.node} is a secondary; the primary resyncs {how}"
 
     def down(self, resource: str) -> str:
         res = self._res(resource)
@@ -147,7 +390,7 @@ class Daemon:
         return {"node": self.node, "resources": [r.status() for r in self.resources.values()] + failed}
 
     def _role(self, name: str) -> Role:
-        return Role.SOURCE if self.config.resource(name).source == self.node else Role.TARGET
+        return load_role(self.state_dir / name, self.config.resource(name), self.node)
 
     def subscribe(self) -> queue.Queue[dict[str, Any]]:
         return self.events.subscribe()
@@ -155,3 +398,7 @@ class Daemon:
     def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
         self.events.unsubscribe(q)
 
+
+
+def _role_of(res: SourceResource | TargetResource) -> Role:
+    return Role.PRIMARY if isinstance(res, SourceResource) else Role.SECONDARY

@@ -1,4 +1,5 @@
-"""A resource whose source is this node: the device, the engine and the links to its targets.
+"""A resource this node is the primary of: the device, the engine and the links to its targets
+(every other node of the resource, `Resource.targets_for`).
 
 The **engine** thread owns the kernel consumer's control verbs: it starts the ring, lets targets
 join the stream, acknowledges records to the kernel (the minimum over the joined targets;
@@ -18,6 +19,7 @@ import mmap
 import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 from repctl import dm, metadata
 from repctl import protocol as P
 from repctl.config import Resource, TargetMode
-from repctl.daemon.base import READ_PIECE, SECTOR, ResourceBase
+from repctl.daemon.base import READ_PIECE, SECTOR, Listener, ResourceBase, tune
 from repctl.daemon.link import RESYNC_RUN, Link
-from repctl.daemon.state import Event, LinkState, Role
+from repctl.daemon.state import DiskState, Event, LinkState, Role
 from repctl.daemon.verify import VerifyProgress
-from repctl.errors import ReplError
+from repctl.errors import HandshakeRefused, ReplError
+from repctl.hooks import HookEvent, run_hooks
 from repctl.ring import Consumer, RingError, State
 from repctl.statefile import load_json, remove_stale_temporaries, save_json
 
@@ -48,13 +51,14 @@ GENERATION_ACTION = ("the resource stays down: restore the file from a backup of
 
 
 class SourceResource(ResourceBase):
-    """A resource whose source is this node."""
+    """A resource this node is the primary (source) of."""
 
     def __init__(self, daemon: Daemon, cfg: Resource):
         super().__init__(daemon, cfg)
         node = cfg.nodes[self.node]
         if node.metadata is None:
-            raise ReplError(f"resource {cfg.name}: node {self.node} is the source but has no metadata device")
+            raise ReplError(f"resource {cfg.name}: node {self.node} is the primary but has no metadata "
+                            "device")
         self.data_dev = str(node.device)
         self.meta_dev = str(node.metadata)
         self.size = metadata.device_bytes(self.data_dev)
@@ -63,7 +67,7 @@ class SourceResource(ResourceBase):
         self.nr_chunks = -(-self.size // self.chunk_bytes)
         remove_stale_temporaries(self.state_dir)
         self.gen_path = self.state_dir / "generation.json"
-        self.gen = load_json(self.gen_path, {}, action=GENERATION_ACTION, check=_check_generation)
+        self.gen = load_json(self.gen_path, {}, action=GENERATION_ACTION, check=check_generation)
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.engine_wake = threading.Event()
@@ -71,7 +75,12 @@ class SourceResource(ResourceBase):
         self.kstate: State | None = None
         self.dev_path = f"/dev/mapper/{self.name}"
         self.read_fd = -1
-        self.links = {t: Link(self, target, cfg.nodes[t]) for t, target in cfg.targets.items()}
+        self.links = {t: Link(self, target, cfg.nodes[t])
+                      for t, target in cfg.targets_for(self.node).items()}
+        # the primary listens too, to tell a peer that connects (a node that would be promoted,
+        # or a second primary) that it is the primary: ROLE_CONFLICT
+        self.listener = Listener(self.name, (node.address, cfg.port), self._answer)
+        self.drained: frozenset[str] = frozenset()  # targets holding every write (demote)
         self.engine = threading.Thread(target=self._engine, name=f"engine-{self.name}", daemon=True)
         self.last_clean = 0.0
         self.sync_on = False
@@ -127,10 +136,8 @@ class SourceResource(ResourceBase):
             raise ReplError(f"resource {self.name}: metadata device {self.meta_dev} is not "
                             f"formatted: run `repctl create-md {self.name}` first")
         self._bind_generation(sb.uuid)
-        with dm.DMControl() as ctl:
-            names = {d.name for d in ctl.list_devices()}
-            if self.name not in names:
-                dm.create_device(self.name, [self._table()], ctl=ctl)
+        if not mapping_of(self.name, self.data_dev):
+            dm.create_device(self.name, [self._table()])
         self.consumer = Consumer(self.dev_path, sync=False)  # sync once a sync target joins
         # O_DIRECT: a filesystem's data writes bypass the block device's page
         # cache, so a buffered resync read could send stale data
@@ -138,7 +145,9 @@ class SourceResource(ResourceBase):
         self.engine.start()
         for link in self.links.values():
             link.thread.start()
-        self.events.emit(resource=self.name, what=Event.UP, text=f"source of {self.name} on {self.dev_path}")
+        self.listener.start()
+        self.events.emit(resource=self.name, what=Event.UP,
+                         text=f"primary of {self.name} on {self.dev_path}")
 
     def stop(self, remove: bool = False) -> None:
         self.stopping.set()
@@ -152,6 +161,9 @@ class SourceResource(ResourceBase):
                 link.thread.join(5)
         if self.engine.is_alive():
             self.engine.join(5)
+        self.listener.stop()
+        if self.drained:
+            self._final_clean()
         for link in self.links.values():
             link.oos.save()
         if self.read_fd >= 0:
@@ -162,6 +174,78 @@ class SourceResource(ResourceBase):
         if remove:
             dm.remove_device(self.name)
         self.events.emit(resource=self.name, what=Event.DOWN)
+
+    def split_brain(self, peer: str, why: str) -> None:
+        """A peer's data diverged from ours, or it is primary too: report it (log, event, the
+        split-brain hook); the link stays refused, nothing is resolved here."""
+        log.error("%s: split brain with %s: %s", self.name, peer, why)
+        self.events.emit(resource=self.name, what=Event.SPLIT_BRAIN, peer=peer, text=why)
+        try:
+            run_hooks(self.cfg, HookEvent.SPLIT_BRAIN, node=self.node, peer=peer,
+                      role=Role.PRIMARY, executor=self.daemon.executor)
+        except ReplError as e:
+            log.error("%s: %s", self.name, e)
+
+    def drain(self, timeout: float) -> list[str]:
+        """Wait (at most `timeout` s) until every target in session holds durably every write
+        published so far; the caller has made sure nothing writes any more. Returns the targets
+        that do not (out of session, or too slow): they keep what they lack in their OOS bitmap.
+        `stop` then lets the kernel forget what the drained targets hold."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.consumer.state()
+            with self.lock:
+                joined = [l for l in self.links.values() if l.joined]
+            done = {l.name for l in joined if l.durable >= st.published} if st.streaming else set()
+            if len(done) == len(self.links) or time.monotonic() >= deadline:
+                self.drained = frozenset(done)
+                return sorted(set(self.links) - done)
+            time.sleep(0.05)
+
+    def _final_clean(self) -> None:
+        """With no writer left and the links stopped: CLEAN the kernel's bitmap, first ORing it
+        into the OOS of every target that is not drained (P2: each chunk stays either on every
+        target or in its bitmap). Then the metadata holds only what some target lacks."""
+        if self.consumer is None:
+            return
+        try:
+            mark = self.consumer.mark()
+            lacking = [l for l in self.links.values() if l.name not in self.drained]
+            if lacking:
+                bm = self.consumer.bitmap()
+                for l in lacking:
+                    l.oos.absorb(bm)
+                    l.oos.save()
+            self.consumer.clean(mark)
+        except (OSError, ReplError) as e:
+            log.warning("%s: final clean: %s (the bitmap keeps those chunks dirty)", self.name, e)
+
+    def _answer(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """A peer connected to the primary: tell it, once authenticated, that this node is the
+        primary (ROLE_CONFLICT). A prober learns it may not promote; a second primary is a
+        split brain, reported."""
+        conn = P.FramedConnection(sock)
+        # the largest size: no peer is refused as larger than us before it learns we are primary
+        local = P.HandshakeInfo(resource=self.name, node=self.node, role=P.Role.TARGET,
+                                device_size=2**63 - 1, chunk_size=self.chunk_bytes,
+                                generations=self.generations())
+
+        def refuse(info: P.PeerInfo) -> None:
+            raise HandshakeRefused(P.RefuseReason.ROLE_CONFLICT,
+                                   f"{self.node} is the primary of {self.name}")
+        try:
+            tune(sock)
+            P.handshake(conn, local, self.secret,
+                        P.Expect(frozenset(self.links), refuse))
+        except HandshakeRefused as e:
+            log.info("%s: told %s that this node is the primary (%s)", self.name, peer[0], e)
+        except (OSError, ReplError) as e:
+            log.info("%s: connection from %s: %s", self.name, peer[0], e)
+        except Exception:
+            log.exception("%s: connection from %s: internal error", self.name, peer[0])
+        finally:
+            self.listener.handshake_over()
+            conn.close()
 
     def resync_buffer(self) -> mmap.mmap:
         """A buffer for read_chunks, for one link: page-aligned, as O_DIRECT needs."""
@@ -372,7 +456,8 @@ class SourceResource(ResourceBase):
 
     def status(self) -> dict[str, Any]:
         if self.failed is not None:
-            return {"name": self.name, "role": Role.SOURCE, "device": self.dev_path,
+            return {"name": self.name, "role": Role.PRIMARY, "disk": DiskState.UP_TO_DATE,
+                    "device": self.dev_path,
                     "state": LinkState.FAILED,
                     "last_error": self.failed, "size": self.size,
                     "targets": [self._target_status(l) for l in self.links.values()]}
@@ -382,7 +467,8 @@ class SourceResource(ResourceBase):
             kernel = {"mode": st.mode, "reason": st.reason, "dirty_chunks": st.dirty_chunks,
                       "chunk_size": self.chunk_bytes, "ring_used": st.ring_used,
                       "ring_bytes": st.ring_bytes, "published": st.published, "acked": st.acked}
-        return {"name": self.name, "role": Role.SOURCE, "device": self.dev_path, "kernel": kernel,
+        return {"name": self.name, "role": Role.PRIMARY, "disk": DiskState.UP_TO_DATE,
+                "device": self.dev_path, "kernel": kernel,
                 "size": self.size, "targets": [self._target_status(l) for l in self.links.values()]}
 
     def _target_status(self, link: Link) -> dict[str, Any]:
@@ -471,7 +557,7 @@ class SourceResource(ResourceBase):
 
 
 
-def _check_generation(data: dict[str, Any]) -> str | None:
+def check_generation(data: dict[str, Any]) -> str | None:
     if not data:
         return None  # an empty object: no generation yet
     try:
@@ -484,3 +570,19 @@ def _check_generation(data: dict[str, Any]) -> str | None:
         return "md_uuid is not a string"
     return None
 
+
+
+def mapping_of(name: str, data_dev: str) -> bool:
+    """Whether /dev/mapper/`name` is up as this node's `repl` device over `data_dev`. ReplError
+    if a device of that name maps something else: never take it for ours."""
+    with dm.DMControl() as ctl:
+        if name not in {d.name for d in ctl.list_devices()}:
+            return False
+        table = ctl.table(name)
+    rdev = os.stat(data_dev).st_rdev
+    ours = f"{os.major(rdev)}:{os.minor(rdev)}"
+    if len(table) == 1 and table[0].target_type == "repl" and table[0].params.split()[0] == ours:
+        return True
+    raise ReplError(f"/dev/mapper/{name} exists but is not the repl device over {data_dev} "
+                    f"({ours}): its table is {[(t.target_type, t.params) for t in table]}; "
+                    "remove it or rename the resource")

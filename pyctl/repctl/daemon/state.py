@@ -12,15 +12,47 @@ from __future__ import annotations
 
 from enum import StrEnum, unique
 
-__all__ = ["Admin", "Connection", "Event", "LinkState", "ReplicaState", "Role"]
+__all__ = ["Admin", "Connection", "DiskState", "Event", "LinkState", "ReplicaState", "Role",
+           "transition_refusal"]
 
 
 @unique
 class Role(StrEnum):
-    """What this node is for a resource."""
+    """What this node is for a resource; persisted in ``role.json`` (docs/failover.md). The
+    primary exposes ``/dev/mapper/<resource>`` and replicates to every other node; a secondary
+    receives."""
 
-    SOURCE = "source"
-    TARGET = "target"
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+@unique
+class DiskState(StrEnum):
+    """What a node's copy is worth, in the words DRBD users know (docs/failover.md)."""
+
+    UP_TO_DATE = "UpToDate"        # the primary's data, or a secondary streaming in sync with it
+    CONSISTENT = "Consistent"      # a whole, crash-consistent copy; may lack the newest writes
+    INCONSISTENT = "Inconsistent"  # mid-resync or never synced: not usable as it is
+    OUTDATED = "Outdated"          # known to lack writes (a former primary's peer set it so)
+    DISKLESS = "Diskless"          # the backing device cannot be opened
+
+
+def transition_refusal(old: Role, new: Role, disk: DiskState, *, force: bool = False) -> str | None:
+    """Why the role change `old` -> `new` of a node whose copy is `disk` is refused, or None
+    when it is valid (DRBD's is_valid_transition). The one rule book for every role change;
+    the checks that need the network or the device (a peer still primary, the fence hook, the
+    device in use) come on top of it, in the service."""
+    if old is new:
+        return f"this node is already {new}"
+    if new is Role.SECONDARY:
+        return None
+    if disk is DiskState.DISKLESS:
+        return "this node has no usable disk (Diskless): nothing to promote"
+    if disk in (DiskState.INCONSISTENT, DiskState.OUTDATED) and not force:
+        return (f"this node's data is {disk}: promoting it would serve data that is "
+                f"{'incomplete' if disk is DiskState.INCONSISTENT else 'known to be old'}; "
+                "--force overrides this check")
+    return None
 
 
 @unique
@@ -84,3 +116,5 @@ class Event(StrEnum):
     FAILED = "failed"                  # a resource failed and stopped: `text`
     FELL_BEHIND = "fell_behind"        # the kernel stopped its ring: `text` is its reason
     NEW_GENERATION = "new_generation"  # the source started a new data generation: `text`
+    ROLE = "role"                      # this node's role changed: `old`, `new`, `text`
+    SPLIT_BRAIN = "split_brain"        # a peer's data diverged from ours: `peer`, `text`

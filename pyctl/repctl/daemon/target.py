@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from repctl import protocol as P
 from repctl.config import Resource, TargetMode
-from repctl.daemon.base import READ_PIECE, SECTOR, ResourceBase, readable, set_aside, tune
-from repctl.daemon.state import Connection, Event, ReplicaState, Role
+from repctl.daemon.base import (
+    READ_PIECE,
+    SECTOR,
+    Listener,
+    ResourceBase,
+    local_changes,
+    readable,
+    set_aside,
+    tune,
+)
+from repctl.daemon.state import Connection, DiskState, Event, ReplicaState, Role
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.statefile import StateError, load_json, save_json
 from repctl.store import Store, open_store
@@ -29,7 +38,6 @@ log = logging.getLogger("repctl.daemon")
 __all__ = ["TargetResource"]
 
 FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
-MAX_PENDING_HANDSHAKES = 8  # unauthenticated connections a target serves at once; more are shed
 
 TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyncs it whole; "
                        "the corrupt file is kept beside it for inspection")
@@ -38,10 +46,10 @@ TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyn
 class TargetResource(ResourceBase):
     """A resource this node is a target of: listen, authenticate, apply in order.
 
-    The listener thread only accepts; each connection is handled in a thread of its own, so that
-    a peer that never finishes its handshake holds nothing but its own thread, for at most the
-    handshake's deadline. One authenticated source connection at a time: a second one is refused
-    with BUSY.
+    Any other node of the resource may connect as its primary (base.Listener: a thread per
+    connection, the handshake bounded). One authenticated primary connection at a time: a second
+    one is refused with BUSY. Right after the handshake the secondary tells the primary which of
+    its chunks may differ (OUT_OF_SYNC: its own writes as a former primary).
     """
 
     def __init__(self, daemon: Daemon, cfg: Resource):
@@ -60,23 +68,19 @@ class TargetResource(ResourceBase):
             self._save()
         self.device = str(cfg.nodes[self.node].device)
         self.store: Store | None = None
-        self.listener: socket.socket | None = None
         self.stopping = threading.Event()
         self.conn: P.FramedConnection | None = None
-        self.conn_lock = threading.Lock()  # guards conn and pending
-        self.pending = 0  # connections still in their handshake
-        self.handlers: set[threading.Thread] = set()
+        self.peer: str | None = None  # the primary connected now
+        self.conn_lock = threading.Lock()  # guards conn and peer
         self.state = ReplicaState.DISCONNECTED
         self.bytes_received = 0
-        self.thread = threading.Thread(target=self._listen, name=f"listen-{self.name}", daemon=True)
+        self.listener = Listener(self.name, (cfg.nodes[self.node].address, cfg.port), self._handle)
 
     def start(self) -> None:
         self.store = open_store(self.device)
-        addr = self.cfg.nodes[self.node].address
-        self.listener = socket.create_server((addr, self.cfg.port), reuse_port=False)
-        self.listener.settimeout(0.5)
-        self.thread.start()
-        self.events.emit(resource=self.name, what=Event.UP, text=f"target of {self.name} on {self.device}")
+        self.listener.start()
+        self.events.emit(resource=self.name, what=Event.UP,
+                         text=f"secondary of {self.name} on {self.device}")
 
     def stop(self, remove: bool = False) -> None:
         self.stopping.set()
@@ -84,12 +88,7 @@ class TargetResource(ResourceBase):
             conn = self.conn
         if conn is not None:
             conn.close()
-        if self.thread.is_alive():
-            self.thread.join(5)
-        for t in list(self.handlers):
-            t.join(5)
-        if self.listener is not None:
-            self.listener.close()
+        self.listener.stop()
         if self.store is not None:
             self.store.close()
         self.events.emit(resource=self.name, what=Event.DOWN)
@@ -100,31 +99,23 @@ class TargetResource(ResourceBase):
     def _set_state(self, state: ReplicaState, why: str = "") -> None:
         if state is not self.state:
             old, self.state = self.state, state
-            self.events.emit(resource=self.name, target=self.node, what=Event.STATE, old=old, new=state, text=why)
+            self.events.emit(resource=self.name, target=self.node, what=Event.STATE, old=old,
+                             new=state, text=why)
 
-    def _listen(self) -> None:
-        assert self.listener is not None
-        while not self.stopping.is_set():
-            try:
-                sock, peer = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self.stopping.is_set():
-                    return
-                time.sleep(0.1)  # EMFILE and the like: never end the listener
-                continue
-            with self.conn_lock:
-                if self.pending >= MAX_PENDING_HANDSHAKES:
-                    sock.close()  # a flood of unauthenticated connections: shed them
-                    log.warning("%s: %d handshakes pending: closed a connection from %s",
-                                self.name, self.pending, peer[0])
-                    continue
-                self.pending += 1
-            t = threading.Thread(target=self._handle, args=(sock, peer), daemon=True,
-                                 name=f"conn-{self.name}-{peer[0]}:{peer[1]}")
-            self.handlers.add(t)
-            t.start()
+    def generations(self) -> P.Generations:
+        return P.Generations(int(self.saved["current"]), tuple(self.saved["history"]))
+
+    def disk_state(self) -> DiskState:
+        """What this copy is worth now (DiskState)."""
+        if self.store is None:
+            return DiskState.DISKLESS
+        if not self.saved["consistent"]:
+            return DiskState.INCONSISTENT
+        if self.saved.get("outdated"):
+            return DiskState.OUTDATED
+        if self.conn is not None and self.state is ReplicaState.STREAMING:
+            return DiskState.UP_TO_DATE
+        return DiskState.CONSISTENT
 
     def _handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """One connection, from its handshake to its end. Nothing it raises escapes: every other
@@ -138,19 +129,19 @@ class TargetResource(ResourceBase):
                 if self.conn is not None:
                     raise HandshakeRefused(P.RefuseReason.BUSY,
                                            f"resource {self.name} on {self.node} is already "
-                                           f"connected to its source {info.node}")
-                self.conn = conn
+                                           f"connected to its primary {self.peer}")
+                self.conn, self.peer = conn, info.node
                 claimed = True
 
         try:
             tune(sock)
             try:
                 info = P.handshake(conn, self._local_info(), self.secret,
-                                   P.Expect(frozenset({self.cfg.source}), claim))
+                                   P.Expect(frozenset(self.cfg.targets_for(self.node)), claim))
             finally:
-                with self.conn_lock:
-                    self.pending -= 1
+                self.listener.handshake_over()
             self.last_error = None
+            self._report_out_of_sync(conn, info)
             self._serve(conn, info)
         except HandshakeRefused as e:
             self.last_error = f"refused {peer[0]}: {e}"
@@ -168,9 +159,16 @@ class TargetResource(ResourceBase):
             if claimed:
                 with self.conn_lock:
                     if self.conn is conn:
-                        self.conn = None
+                        self.conn, self.peer = None, None
                 self._set_state(ReplicaState.DISCONNECTED)
-            self.handlers.discard(threading.current_thread())
+
+    def _report_out_of_sync(self, conn: P.FramedConnection, info: P.PeerInfo) -> None:
+        """Tell the primary which chunks of this copy may differ from its data (OUT_OF_SYNC)."""
+        nr_chunks = -(-info.device_size // self.cfg.chunk_size)
+        bits = local_changes(self.state_dir, self.cfg.nodes[self.node].metadata, info.node,
+                             nr_chunks) if self.saved.get("local_changes") else b""
+        for piece in P.out_of_sync_pieces(bits):
+            conn.send_message(piece)
 
     def _local_info(self) -> P.HandshakeInfo:
         assert self.store is not None
@@ -190,7 +188,7 @@ class TargetResource(ResourceBase):
         # ack never speaks of records an earlier connection (or an earlier boot) sent
         applied = acked = 0
         # a sync source's writers wait for durable acks: flush per FLUSH_BYTES of records
-        sync = self.cfg.targets[self.node].mode is TargetMode.SYNC
+        sync = self.cfg.targets_for(info.node)[self.node].mode is TargetMode.SYNC
         dirty = False
         record_bytes = 0  # of records written since the last flush
         last_flush = last_ack = time.monotonic()
@@ -238,8 +236,10 @@ class TargetResource(ResourceBase):
                 dirty = True  # a resync's durability comes with the PONGs
             elif isinstance(msg, P.ResyncDone):
                 store.flush()
+                # in sync with this primary now: its generation, and no change of our own left
                 self.saved.update(consistent=True, current=source_gen.current,
-                                  history=list(source_gen.history))
+                                  history=list(source_gen.history), source=info.node,
+                                  local_changes=False, outdated=False)
                 self._save()
                 self._set_state(ReplicaState.STREAMING, "resync finished: consistent")
             elif isinstance(msg, P.Ping):
@@ -283,8 +283,8 @@ class TargetResource(ResourceBase):
         state = self.state
         if state is ReplicaState.STREAMING and not self.saved["consistent"]:
             state = ReplicaState.SYNCING
-        return {"name": self.name, "role": Role.TARGET, "device": self.device,
-                "source": self.cfg.source,
+        return {"name": self.name, "role": Role.SECONDARY, "disk": self.disk_state(),
+                "device": self.device, "source": self.peer or self.saved.get("source"),
                 "connection": Connection.CONNECTED if self.conn is not None else Connection.WAITING,
                 "state": state,
                 "consistent": bool(self.saved["consistent"]), "bytes_received": self.bytes_received,

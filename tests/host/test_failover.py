@@ -1,0 +1,332 @@
+"""Issue 11 without a kernel: the role rules, the OUT_OF_SYNC report, what a promoted node starts
+from, when a former primary may rejoin, and promote's refusals (which all come before anything
+changes). The VM tier (tests/vm/test_failover.py) runs the role changes on the real module."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from repctl import metadata
+from repctl import protocol as P
+from repctl.daemon import Daemon
+from repctl.daemon.base import local_changes
+from repctl.daemon.failover import (
+    Probe,
+    ProbeKind,
+    load_role,
+    may_rejoin,
+    save_role,
+    start_as_primary,
+)
+from repctl.daemon.state import DiskState, Role, transition_refusal
+from repctl.errors import ProtocolError, ReplError
+from repctl.oos import OOSBitmap
+from test_daemon_safety import CHUNK, SIZE, Target, make_source, until, write_config
+
+NR = SIZE // CHUNK  # chunks of the test device
+D = DiskState
+
+
+# ----------------------------------------------------------------------------- the rule book
+
+
+@pytest.mark.parametrize(("old", "new", "disk", "force", "refused"), [
+    (Role.SECONDARY, Role.PRIMARY, D.UP_TO_DATE, False, None),
+    (Role.SECONDARY, Role.PRIMARY, D.CONSISTENT, False, None),
+    (Role.SECONDARY, Role.PRIMARY, D.INCONSISTENT, False, "Inconsistent"),
+    (Role.SECONDARY, Role.PRIMARY, D.INCONSISTENT, True, None),
+    (Role.SECONDARY, Role.PRIMARY, D.OUTDATED, False, "Outdated"),
+    (Role.SECONDARY, Role.PRIMARY, D.OUTDATED, True, None),
+    (Role.SECONDARY, Role.PRIMARY, D.DISKLESS, False, "Diskless"),
+    (Role.SECONDARY, Role.PRIMARY, D.DISKLESS, True, "Diskless"),  # --force is for data only
+    (Role.PRIMARY, Role.PRIMARY, D.UP_TO_DATE, False, "already primary"),
+    (Role.SECONDARY, Role.SECONDARY, D.UP_TO_DATE, False, "already secondary"),
+    (Role.PRIMARY, Role.SECONDARY, D.UP_TO_DATE, False, None),
+    (Role.PRIMARY, Role.SECONDARY, D.INCONSISTENT, False, None),
+])  # fmt: skip
+def test_every_transition(old: Role, new: Role, disk: DiskState, force: bool,
+                          refused: str | None) -> None:
+    why = transition_refusal(old, new, disk, force=force)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why
+
+
+def test_the_role_file(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path).resource("r0")
+    assert load_role(tmp_path, cfg, "alpha") is Role.PRIMARY  # the config's source, at first
+    assert load_role(tmp_path, cfg, "beta") is Role.SECONDARY
+    save_role(tmp_path, Role.SECONDARY)
+    assert load_role(tmp_path, cfg, "alpha") is Role.SECONDARY
+    (tmp_path / "role.json").write_text('{"role": "boss"}')
+    assert load_role(tmp_path, cfg, "alpha") is Role.SECONDARY  # never two primaries by accident
+    assert list(tmp_path.glob("role.json.corrupt-*"))
+
+
+# ----------------------------------------------------------------------------- OUT_OF_SYNC
+
+
+def test_a_bitmap_crosses_in_pieces_and_back() -> None:
+    nbytes = P.MAX_OOS_PIECE * 2 + 5
+    bits = bytes((i * 7) & 0xFF for i in range(nbytes))
+    pieces = P.out_of_sync_pieces(bits)
+    assert [p.last for p in pieces] == [False, False, True]
+    a, b = socket.socketpair()
+    with a, b:
+        rx, tx = P.FramedConnection(a), P.FramedConnection(b)
+        for piece in pieces:
+            tx.send_message(piece)
+            assert rx.recv_message() == piece  # compressed on the wire, the same bits back
+        for piece in pieces:
+            tx.send_message(piece)
+        assert P.receive_out_of_sync(rx, nbytes) == bits
+
+
+def test_an_empty_report_means_no_chunk() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        tx = P.FramedConnection(b)
+        for piece in P.out_of_sync_pieces(b""):
+            tx.send_message(piece)
+        assert P.receive_out_of_sync(P.FramedConnection(a), 128) == bytes(128)
+
+
+@pytest.mark.parametrize(("frames", "error"), [
+    ([P.OutOfSync(0, b"\x01" * 8, False), P.OutOfSync(16, b"\x01" * 8, True)], "does not follow"),
+    ([P.OutOfSync(0, b"\x01" * 8, True)], "bitmap of 8 bytes, expected 16"),
+    ([P.OutOfSync(0, b"\x01" * 20, True)], "does not follow"),
+    ([P.Ping(1)], "expected OUT_OF_SYNC"),
+])  # fmt: skip
+def test_a_malformed_report_is_refused(frames: list[P.Message], error: str) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        tx = P.FramedConnection(b)
+        for f in frames:
+            tx.send_message(f)
+        with pytest.raises(ProtocolError, match=error):
+            P.receive_out_of_sync(P.FramedConnection(a), 16)
+
+
+def test_a_forged_piece_is_refused() -> None:
+    good = P.OutOfSync(0, b"\xff" * 64, True)
+    head, body = good.encode()
+    with pytest.raises(ProtocolError, match="holds another amount"):
+        P.decode(P.FrameType.OUT_OF_SYNC, memoryview(bytes(head)[:8] + (65).to_bytes(4, "little")
+                                                     + bytes(head)[12:] + bytes(body)))
+    with pytest.raises(ProtocolError, match="does not decompress"):
+        P.decode(P.FrameType.OUT_OF_SYNC, memoryview(bytes(head) + b"not zlib"))
+
+
+def test_absorbing_a_report_ignores_bits_past_the_device(tmp_path: Path) -> None:
+    oos = OOSBitmap(tmp_path / "x.oos", 10)  # 10 chunks in 2 bytes
+    assert oos.absorb_masked(b"\x01\xff") == 3  # chunks 0, 8, 9; bits 10-15 are no chunks
+    assert oos.count() == 3 and [list(r) for r in oos.runs(16)] == [[0], [8, 9]]
+    assert oos.absorb_masked(b"\x03\x00") == 1  # only chunk 1 is new
+    with pytest.raises(ValueError):
+        oos.absorb_masked(b"\x00")
+
+
+# ----------------------------------------------------------------------------- a former primary
+
+
+def _meta(tmp_path: Path, dirty: list[int]) -> Path:
+    """A metadata file formatted for the test device with `dirty` chunks set on disk."""
+    meta = tmp_path / "md.img"
+    with open(meta, "wb") as f:
+        f.truncate(metadata.metadata_bytes(SIZE // 512))
+    metadata.format_metadata(meta, SIZE // 512, CHUNK // 512)
+    bits = bytearray(NR // 8)
+    for c in dirty:
+        bits[c // 8] |= 1 << (c % 8)
+    with open(meta, "r+b") as f:
+        f.seek(metadata.BLOCK * 1)  # REPL_BITMAP_START_BLOCK
+        f.write(bits)
+    assert metadata.read_bitmap(meta)[1] == bytes(bits)
+    return meta
+
+
+def _bits(chunks: list[int], nr: int = NR) -> bytes:
+    return sum(1 << c for c in chunks).to_bytes(-(-nr // 8), "little")
+
+
+def test_local_changes_are_the_oos_and_the_dirty_bitmap(tmp_path: Path) -> None:
+    meta = _meta(tmp_path, [3, 700])
+    (tmp_path / "beta.oos").write_bytes(_bits([5, 700, NR - 1]))
+    assert local_changes(tmp_path, meta, "beta", NR) == _bits([3, 5, 700, NR - 1])
+    # no bitmap kept for that peer: it may lack anything
+    assert local_changes(tmp_path, meta, "gamma", NR) == _bits(list(range(NR)))
+    # the metadata cannot be read: every chunk, never less than the truth
+    assert local_changes(tmp_path, tmp_path / "nothing", "beta", NR) == _bits(list(range(NR)))
+
+
+def test_a_promoted_node_starts_from_a_new_generation_and_known_bitmaps(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    cfg = config.resource("r0")
+    folder = tmp_path / "st"
+    folder.mkdir()
+    new = start_as_primary(folder, cfg, "beta", P.Generations(7, (5,)), "alpha", "uuid-b")
+    assert new.current not in (0, 7) and new.history == (7, 5)
+    gen = json.loads((folder / "generation.json").read_text())
+    assert gen == {"current": new.current, "history": [7, 5], "md_uuid": "uuid-b"}
+    # alpha differs from beta only by alpha's own changes, which alpha reports: an empty bitmap
+    assert (folder / "alpha.oos").read_bytes() == bytes(NR // 8)
+    assert json.loads((folder / "alpha.json").read_text())["peer_gen"] == 7
+
+
+def test_a_promoted_node_knows_nothing_of_a_peer_it_did_not_sync_from(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path).resource("r0")
+    folder = tmp_path / "st"
+    folder.mkdir()
+    start_as_primary(folder, cfg, "beta", P.Generations(7), None, "u")
+    assert OOSBitmap(folder / "alpha.oos", NR).count() == NR  # a full sync
+    assert json.loads((folder / "alpha.json").read_text())["peer_gen"] is None
+
+
+def _primary(peer: str, current: int, history: tuple[int, ...]) -> Probe:
+    return Probe(peer, ProbeKind.PRIMARY, "primary", P.Generations(current, history))
+
+
+@pytest.mark.parametrize(("in_session", "changed", "rejoins"), [
+    (True, [1, 2, 3], True),    # crashed while beta was in session: its changes were in flight
+    (False, [], True),          # out of session, but wrote nothing beta lacks
+    (False, [9], False),        # out of session and wrote: a split brain, never silent
+])  # fmt: skip
+def test_a_former_primary_rejoins_only_when_nothing_it_wrote_is_lost_silently(
+        tmp_path: Path, in_session: bool, changed: list[int], rejoins: bool) -> None:
+    config = write_config(tmp_path)
+    cfg = config.resource("r0")
+    folder = tmp_path / "st"
+    folder.mkdir()
+    meta = _meta(tmp_path, [])
+    cfg = type(cfg)(**{**cfg.__dict__, "nodes": {**cfg.nodes, "alpha": type(cfg.nodes["alpha"])(
+        "alpha", cfg.nodes["alpha"].address, cfg.nodes["alpha"].device, meta)}})
+    (folder / "beta.json").write_text(json.dumps({"admin": "up", "in_session": in_session}))
+    (folder / "beta.oos").write_bytes(_bits(changed))
+    why = may_rejoin(folder, cfg, "alpha", P.Generations(7), _primary("beta", 9, (7,)))
+    if rejoins:
+        assert why is None
+    else:
+        assert why is not None and "split brain" in why and "1 chunks" in why
+        assert "repctl resolve r0 --discard-local" in why
+
+
+def test_a_former_primary_never_rejoins_data_that_does_not_descend_from_its_own(
+        tmp_path: Path) -> None:
+    cfg = write_config(tmp_path).resource("r0")
+    (tmp_path / "beta.json").write_text(json.dumps({"admin": "up", "in_session": True}))
+    why = may_rejoin(tmp_path, cfg, "alpha", P.Generations(7, (3,)), _primary("beta", 9, (3,)))
+    assert why is not None and "diverged" in why and "split brain" in why
+
+
+# ----------------------------------------------------------------------------- the secondary
+
+
+def test_a_secondary_reports_its_own_changes_once(tmp_path: Path) -> None:
+    """A former primary tells the new primary which chunks it changed; after a completed resync
+    it has none left to report."""
+    (tmp_path / "st" / "r0").mkdir(parents=True)
+    (tmp_path / "st" / "r0" / "alpha.oos").write_bytes(_bits([4, 1000]))
+    (tmp_path / "st" / "r0" / "target.json").write_text(json.dumps(
+        {"current": 7, "history": [], "consistent": True, "local_changes": True}))
+    t = Target(tmp_path)
+    try:
+        conn = t.connect()  # beta has no metadata device: its bitmap for alpha says it all
+        assert t.report == _bits([4, 1000])
+        conn.send_message(P.ResyncDone(0))
+        conn.send_message(P.Ping(1))
+        while not isinstance(conn.recv_message(), P.Pong):
+            pass
+        conn.close()
+        assert json.loads((tmp_path / "st" / "r0" / "target.json").read_text())[
+            "local_changes"] is False
+        until(lambda: t.res.conn is None, "the first connection to end")
+        t.connect().close()
+        assert t.report == bytes(NR // 8)
+    finally:
+        t.stop()
+
+
+# ----------------------------------------------------------------------------- promote's refusals
+
+
+def _secondary_daemon(tmp_path: Path, **kw: Any) -> Daemon:
+    config = write_config(tmp_path, **kw)
+    d = Daemon(config, "beta")
+    d.start()
+    assert not d.failed, d.failed
+    return d
+
+
+def _state_files(tmp_path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(tmp_path)): p.read_bytes()
+            for p in sorted((tmp_path / "st").rglob("*")) if p.is_file()}
+
+
+def test_promote_is_refused_while_the_primary_is_reachable(tmp_path: Path) -> None:
+    d = _secondary_daemon(tmp_path, beta_metadata=True)
+    alpha = make_source(tmp_path, config=d.config)
+    alpha.gen = {"current": 7, "history": []}  # as start() leaves it
+    alpha.listener.start()  # the primary's port answers: ROLE_CONFLICT
+    try:
+        before = _state_files(tmp_path)
+        with pytest.raises(ReplError, match="alpha is reachable and primary; run `repctl "
+                                            "demote r0` on alpha first"):
+            d.promote("r0")
+        assert _state_files(tmp_path) == before  # nothing changed
+        assert d.status()["resources"][0]["role"] == "secondary"
+    finally:
+        alpha.listener.stop()
+        d.stop()
+
+
+def test_promote_of_an_inconsistent_copy_needs_force(tmp_path: Path) -> None:
+    (tmp_path / "st" / "r0").mkdir(parents=True)
+    (tmp_path / "st" / "r0" / "target.json").write_text(json.dumps(
+        {"current": 0, "history": [], "consistent": False}))
+    d = _secondary_daemon(tmp_path, beta_metadata=True)
+    try:
+        assert d.status()["resources"][0]["disk"] == "Inconsistent"
+        with pytest.raises(ReplError, match="Inconsistent.*--force overrides"):
+            d.promote("r0")
+        # --force passes that check and stops at the next one: beta's copy is an image file
+        with pytest.raises(ReplError, match="image file"):
+            d.promote("r0", force=True)
+        assert d.status()["resources"][0]["role"] == "secondary"
+    finally:
+        d.stop()
+
+
+def test_promote_of_a_node_without_metadata_is_refused(tmp_path: Path) -> None:
+    d = _secondary_daemon(tmp_path)
+    try:
+        cfg = d.config.resource("r0")
+        assert cfg.nodes["beta"].metadata is None
+        with pytest.raises(ReplError, match="has no metadata device .*nodes.beta.metadata"):
+            d.promote("r0")
+    finally:
+        d.stop()
+
+
+def test_demote_and_resolve_refuse_where_they_mean_nothing(tmp_path: Path) -> None:
+    d = _secondary_daemon(tmp_path)
+    try:
+        with pytest.raises(ReplError, match="beta is a secondary"):
+            d.demote("r0")
+        with pytest.raises(ReplError, match="--discard-local"):
+            d.resolve("r0")
+    finally:
+        d.stop()
+
+
+def test_the_secondary_status_shows_role_and_disk(tmp_path: Path) -> None:
+    d = _secondary_daemon(tmp_path)
+    try:
+        (r0,) = d.status()["resources"]
+        assert (r0["role"], r0["disk"], r0["source"]) == ("secondary", "Consistent", None)
+    finally:
+        d.stop()

@@ -45,7 +45,7 @@ def free_port() -> int:
 
 def write_config(tmp: Path, *, data_size: int = SIZE, target_size: int = SIZE,
                  chunk: int = CHUNK, target: dict[str, Any] | None = None,
-                 beta_metadata: bool = False) -> Any:
+                 beta_metadata: bool = False, resource: dict[str, Any] | None = None) -> Any:
     data, image = tmp / "data.img", tmp / "replica.img"
     for path, size in ((data, data_size), (image, target_size)):
         with open(path, "wb") as f:
@@ -65,6 +65,7 @@ def write_config(tmp: Path, *, data_size: int = SIZE, target_size: int = SIZE,
                                **({"metadata": str(tmp / "beta-md.img")} if beta_metadata
                                   else {})}},
             "targets": {"beta": target or {"mode": "sync"}},
+            **(resource or {}),
         }},
     }))
     return load_config(cfg)

@@ -7,6 +7,7 @@ when the test lets it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -23,6 +24,7 @@ from repctl.config import load_config
 from repctl.daemon import Daemon, SourceResource
 from repctl.daemon.state import LinkState
 from repctl.errors import ReplError
+from repctl.hooks import Executor, HookEvent
 
 CHUNK = 4096
 NR_CHUNKS = 2 * 4096 + 100  # three checksum requests of at most 4096 chunks
@@ -207,3 +209,17 @@ def test_a_short_checksum_reply_fails_the_verify(
     with pytest.raises(ReplError, match=r"checksum reply for chunks 0\+4096 has 4095 digests"):
         res.verify("beta")
     assert verify_of(res) is None
+
+
+def test_differing_chunks_run_the_out_of_sync_hook(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, target = source
+    res.cfg = dataclasses.replace(res.cfg, hooks={HookEvent.OUT_OF_SYNC: (("/usr/bin/notify",),)})
+    res.daemon.executor = Executor(dry_run=True)
+    for _ in range(6):  # three requests in pass 1, three in pass 2 (the chunks are not adjacent)
+        target.allow.put(None)
+    assert res.verify("beta")["differing"] == sorted(BAD)
+    (step,) = res.daemon.executor.planned
+    assert str(step) == "r0: out-of-sync hook: /usr/bin/notify"
+    assert step.env["REPCTL_OUT_OF_SYNC_CHUNKS"] == "3" and step.env["REPCTL_PEER"] == "beta"

@@ -330,3 +330,42 @@ def test_the_secondary_status_shows_role_and_disk(tmp_path: Path) -> None:
         assert (r0["role"], r0["disk"], r0["source"]) == ("secondary", "Consistent", None)
     finally:
         d.stop()
+
+
+def test_a_secondary_runs_the_resync_hooks_around_a_resync(tmp_path: Path) -> None:
+    """before-resync-target runs before the copy changes, and a failure keeps it consistent and
+    ends the connection; after-resync-target runs once the resync made it whole again."""
+    log, veto = tmp_path / "hooks.log", tmp_path / "veto"
+    script = tmp_path / "hook"
+    script.write_text(f"#!/bin/sh\ntest ! -e {veto} || exit 3\n"
+                      f"echo $REPCTL_EVENT $REPCTL_PEER $REPCTL_ROLE >> {log}\n")
+    script.chmod(0o755)
+    (tmp_path / "st" / "r0").mkdir(parents=True)
+    (tmp_path / "st" / "r0" / "target.json").write_text(json.dumps(
+        {"current": 7, "history": [], "consistent": True}))
+    hooks = {"before-resync-target": str(script), "after-resync-target": str(script)}
+    t = Target(tmp_path, resource={"hooks": hooks})
+    try:
+        veto.touch()
+        conn = t.connect()
+        conn.send_message(P.ResyncChunk(0, b"x" * CHUNK))
+        with pytest.raises((ProtocolError, OSError)):
+            for _ in range(3):
+                conn.recv_message()
+        until(lambda: t.res.conn is None, "the connection to end")
+        assert "before-resync-target hook" in str(t.res.last_error)
+        assert t.res.disk_state() is DiskState.CONSISTENT  # the copy did not change
+        assert not log.exists()
+
+        veto.unlink()
+        conn = t.connect()
+        conn.send_message(P.ResyncChunk(0, b"x" * CHUNK))
+        conn.send_message(P.ResyncDone(1))
+        conn.send_message(P.Ping(1))
+        while not isinstance(conn.recv_message(), P.Pong):
+            pass
+        assert log.read_text().splitlines() == ["before-resync-target alpha secondary",
+                                                "after-resync-target alpha secondary"]
+        conn.close()
+    finally:
+        t.stop()

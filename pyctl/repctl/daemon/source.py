@@ -497,6 +497,13 @@ class SourceResource(ResourceBase):
                 differing = self._compare(link, conn, sorted(differing), progress)
         finally:
             del self.verifying[target]
+        if differing:
+            try:
+                run_hooks(self.cfg, HookEvent.OUT_OF_SYNC, node=self.node, peer=target,
+                          role=Role.PRIMARY, executor=self.daemon.executor,
+                          extra_env={"REPCTL_OUT_OF_SYNC_CHUNKS": str(len(differing))})
+            except ReplError as e:
+                log.error("%s: %s", self.name, e)
         return {"resource": self.name, "target": target, "chunks": self.nr_chunks,
                 "chunk_size": self.chunk_bytes, "differing": sorted(differing)}
 

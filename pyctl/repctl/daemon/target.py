@@ -27,6 +27,7 @@ from repctl.daemon.base import (
 )
 from repctl.daemon.state import Connection, DiskState, Event, ReplicaState, Role
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
+from repctl.hooks import HookEvent, run_hooks
 from repctl.statefile import StateError, load_json, save_json
 from repctl.store import Store, open_store
 
@@ -162,6 +163,10 @@ class TargetResource(ResourceBase):
                         self.conn, self.peer = None, None
                 self._set_state(ReplicaState.DISCONNECTED)
 
+    def _hook(self, event: HookEvent, peer: str) -> None:
+        run_hooks(self.cfg, event, node=self.node, peer=peer, role=Role.SECONDARY,
+                  executor=self.daemon.executor)
+
     def _report_out_of_sync(self, conn: P.FramedConnection, info: P.PeerInfo) -> None:
         """Tell the primary which chunks of this copy may differ from its data (OUT_OF_SYNC)."""
         nr_chunks = -(-info.device_size // self.cfg.chunk_size)
@@ -192,6 +197,7 @@ class TargetResource(ResourceBase):
         dirty = False
         record_bytes = 0  # of records written since the last flush
         last_flush = last_ack = time.monotonic()
+        resynced = False  # this session made the copy inconsistent: after-resync-target at the end
         while not self.stopping.is_set():
             now = time.monotonic()
             if dirty and ((sync and record_bytes >= FLUSH_BYTES) or now - last_flush > 0.2
@@ -228,9 +234,13 @@ class TargetResource(ResourceBase):
                 if off + data.nbytes > store.size:
                     raise ProtocolError(f"resync chunk {msg.chunk} ends past the device")
                 if self.saved["consistent"]:
+                    # a failing hook (e.g. a snapshot of the consistent copy first) ends the
+                    # connection before the copy changes; the primary tries again
+                    self._hook(HookEvent.BEFORE_RESYNC_TARGET, info.node)
                     self.saved["consistent"] = False
                     self._save()
                     self._set_state(ReplicaState.SYNCING, "resync started")
+                    resynced = True
                 store.write(off, data)
                 self.bytes_received += data.nbytes
                 dirty = True  # a resync's durability comes with the PONGs
@@ -242,6 +252,12 @@ class TargetResource(ResourceBase):
                                   local_changes=False, outdated=False)
                 self._save()
                 self._set_state(ReplicaState.STREAMING, "resync finished: consistent")
+                if resynced:
+                    resynced = False
+                    try:
+                        self._hook(HookEvent.AFTER_RESYNC_TARGET, info.node)
+                    except ReplError as e:
+                        log.error("%s: %s", self.name, e)
             elif isinstance(msg, P.Ping):
                 store.flush()
                 dirty, record_bytes = False, 0

@@ -223,3 +223,31 @@ def test_differing_chunks_run_the_out_of_sync_hook(
     (step,) = res.daemon.executor.planned
     assert str(step) == "r0: out-of-sync hook: /usr/bin/notify"
     assert step.env["REPCTL_OUT_OF_SYNC_CHUNKS"] == "3" and step.env["REPCTL_PEER"] == "beta"
+
+
+def test_a_resync_by_checksums_sends_only_the_differing_chunks(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    """A target that holds our data but not the generation the bitmap was kept against (a node
+    that followed another primary): every chunk is compared, only BAD ones travel, each run of
+    adjacent differing chunks in one frame."""
+    res, target = source
+    link = res.link("beta")
+    sent: list[P.Message] = []
+    real = target.send_message
+
+    def send(msg: Any) -> None:
+        sent.append(msg)
+        if isinstance(msg, P.CsumRequest):
+            target.allow.put(None)
+        real(msg)
+
+    target.send_message = send  # type: ignore[method-assign]
+    buf = res.resync_buffer()
+    compared = 0
+    for run in [range(0, 256), range(4096, 4352), range(8192, NR_CHUNKS)]:
+        compared += link._send_differing(target, run, buf)  # type: ignore[arg-type]
+    chunks = [m for m in sent if isinstance(m, P.ResyncChunk)]
+    assert [(m.chunk, len(m.data)) for m in chunks] == [(5, CHUNK), (4200, CHUNK), (8200, CHUNK)]
+    assert compared == (256 + 256 + NR_CHUNKS - 8192) * CHUNK
+    assert link.bytes_sent == 3 * CHUNK

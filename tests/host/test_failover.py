@@ -5,6 +5,7 @@ changes). The VM tier (tests/vm/test_failover.py) runs the role changes on the r
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,16 @@ def test_a_secondary_runs_the_resync_hooks_around_a_resync(tmp_path: Path) -> No
         conn.close()
     finally:
         t.stop()
+
+
+def test_a_table_names_its_device_by_path_or_number() -> None:
+    """The repl target repeats the table as given (a path): the device found up at start is
+    ours only if that path or MAJ:MIN is our data device."""
+    from repctl.daemon.source import _same_device
+
+    null = os.stat("/dev/null").st_rdev
+    assert _same_device("/dev/null", null)
+    assert _same_device(f"{os.major(null)}:{os.minor(null)}", null)
+    assert not _same_device("/dev/zero", null)
+    assert not _same_device("/nonexistent", null)
+    assert not _same_device("1:x", null)

@@ -28,7 +28,7 @@ def write_secret(path: Path) -> Path:
 
 def config_text(node: str, nodes: dict[str, dict], targets: dict[str, str], *, source: str = "alpha",
                 port: int = 7789, root: Path = ROOT, secret: Path | None = None, name: str = "r0",
-                extra: str = "") -> str:
+                extra: str = "", sync_timeout: str = "3s") -> str:
     secret = secret or write_secret(root / "secret")
     lines = [
         "global:",
@@ -40,7 +40,7 @@ def config_text(node: str, nodes: dict[str, dict], targets: dict[str, str], *, s
         f"    port: {port}",
         "    chunk_size: 4KiB",
         "    ring_size: 16MiB",
-        "    sync_timeout: 3s",
+        f"    sync_timeout: {sync_timeout}",
         f"    source: {source}",
     ]
     lines += [f"    {x}" for x in extra.splitlines() if x]

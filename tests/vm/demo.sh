@@ -17,7 +17,8 @@
 #
 # Sections: 1 set up, 2 a file system on the primary (initial sync), 3 pause / resume of gamma
 # (bitmap resync, bytes on the wire), 4 verify (repctl verify, sha256 of the three copies),
-# 5 clean up (always, from an EXIT trap). Exit status 0 only if every step worked.
+# 5 switchover (alpha demoted, beta promoted, the file system on beta, the copies follow it),
+# 6 clean up (always, from an EXIT trap). Exit status 0 only if every step worked.
 # The daemons' logs go to $REPCTL_VM_RESULTS/daemon-NODE.log; their tails are printed on failure.
 # Also there: demo-timing.txt (when each command ran, how long it took), verify-*.txt,
 # daemon-cpu.txt (the daemons' CPU time at the end).
@@ -117,7 +118,8 @@ fail() {
 # The source's status document, as `repctl status --json` prints it, but from demo.py, which
 # needs only the standard library: the CLI takes many seconds to start in the emulated VM, so
 # the waits poll with this and only what is shown runs the real `repctl status`.
-status_json() { python3 -I -S "$REPO/tests/vm/demo.py" "$ROOT/alpha/repctl.sock"; }
+PRIMARY=alpha   # whose status the waits read: the primary's (beta's after the switchover)
+status_json() { python3 -I -S "$REPO/tests/vm/demo.py" "$ROOT/$PRIMARY/repctl.sock"; }
 
 # jq over the source's status entry of r0
 sq() { status_json | jq -r ".resources[0] | $1"; }
@@ -165,7 +167,7 @@ CLEANUP_FAILED=0
 cleanup() {
     local rc=$? n
     trap - EXIT INT TERM
-    section=4
+    section=5
     heading "Clean up"
     if [ "$MOUNTED" -eq 1 ]; then
         try "umount $MNT"
@@ -251,7 +253,7 @@ echo
 note "Disks: ${SIZE_MB} MiB loop devices for alpha's data and beta, a small metadata device"
 note "for alpha (superblock + dirty bitmap), an image file for gamma."
 run "truncate -s ${SIZE_MB}M $ROOT/disks/alpha-data.img $ROOT/disks/beta-data.img $ROOT/gamma/r0.img"
-run "truncate -s 4M $ROOT/disks/alpha-meta.img"
+run "truncate -s 4M $ROOT/disks/alpha-meta.img $ROOT/disks/beta-meta.img"
 attach() {  # attach FILE VAR: a loop device, recorded for the cleanup
     local dev
     echo "\$ losetup --find --show $1"
@@ -263,6 +265,7 @@ attach() {  # attach FILE VAR: a loop device, recorded for the cleanup
 attach "$ROOT/disks/alpha-data.img" ALPHA_DATA
 attach "$ROOT/disks/alpha-meta.img" ALPHA_META
 attach "$ROOT/disks/beta-data.img" BETA_DEV
+attach "$ROOT/disks/beta-meta.img" BETA_META
 GAMMA_IMG=$ROOT/gamma/r0.img
 
 echo
@@ -290,6 +293,7 @@ resources:
       beta:
         address: 10.77.1.2
         device: $BETA_DEV
+        metadata: $BETA_META
       gamma:
         address: 10.77.2.2
         device: $GAMMA_IMG
@@ -524,6 +528,53 @@ fi
 if [ "${#PROBLEMS[@]}" -gt 0 ]; then
     fail "$(IFS=';'; echo "${PROBLEMS[*]}")"
 fi
+
+# ================================================================== 5. switchover
+
+heading "Switchover: beta becomes the primary, alpha and gamma follow it"
+note "A planned switchover (docs/failover.md): unmount, demote alpha (it drains its writes to"
+note "the targets and removes /dev/mapper/r0), promote beta (a new data generation,"
+note "/dev/mapper/r0 on beta's disk). alpha resyncs from its bitmap, gamma, whose bitmap only"
+note "alpha knew, by checksums: in both cases only what differs travels. beta reaches gamma"
+note "through alpha's namespace, which routes; gamma's link goes back to full speed."
+run "ip netns exec rp-alpha sysctl -qw net.ipv4.ip_forward=1"
+run "ip -n rp-beta route add 10.77.2.0/24 via 10.77.1.1"
+run "ip -n rp-gamma route add 10.77.1.0/24 via 10.77.2.1"
+run "ip netns exec rp-alpha tc qdisc del dev ag0 root"
+ORDERS=$(sha256sum < "$MNT/db/orders.bin")
+run "umount $MNT"
+MOUNTED=0
+run "repctl -c $A demote r0"
+run "repctl -c ${CFG[beta]} promote r0"
+PRIMARY=beta
+run "mount /dev/mapper/r0 $MNT"
+MOUNTED=1
+echo "\$ sha256sum < $MNT/db/orders.bin    # the file written on alpha"
+AFTER=$(sha256sum < "$MNT/db/orders.bin") || fail "cannot read orders.bin on beta"
+echo "$AFTER"
+[ "$AFTER" = "$ORDERS" ] || fail "orders.bin differs on beta after the switchover"
+run "echo 'written on beta after the switchover' > $MNT/www/beta.txt && sync"
+wait_until "alpha and gamma follow beta: streaming, nothing out of sync" 600 converged
+run "COLUMNS=120 repctl -c ${CFG[beta]} status"
+run "umount $MNT"
+MOUNTED=0
+wait_until "the unmount reached both" 300 converged
+SUMS=()
+for d in /dev/mapper/r0 "$ALPHA_DATA" "$GAMMA_IMG"; do
+    if [ -b "$d" ]; then
+        cmd="dd if=$d bs=1M iflag=direct status=none | sha256sum"
+    else
+        cmd="sha256sum < $d"
+    fi
+    echo "\$ $cmd"
+    out=$(eval "$cmd") || fail "\`$cmd\` failed"
+    echo "$out"
+    SUMS+=("${out%% *}")
+done
+if [ "${SUMS[0]}" != "${SUMS[1]}" ] || [ "${SUMS[0]}" != "${SUMS[2]}" ]; then
+    fail "after the switchover the SHA-256 of the three copies differ"
+fi
+note "beta (primary), alpha and gamma hold the same data"
 
 # The EXIT trap cleans up and prints the result.
 exit 0

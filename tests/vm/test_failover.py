@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,25 @@ FENCED = ROOT / "fenced"
 class Pair:
     """alpha (primary at first, sync target beta), both promotable."""
 
-    def __init__(self, cleanup, loopdev, *, fencing: bool = False, actions: bool = True):
-        for n in ("alpha", "beta"):
+    def __init__(self, cleanup, loopdev, *, fencing: bool = False, actions: bool = True,
+                 gamma: bool = False):
+        for n in ("alpha", "beta", "gamma"):
             subprocess.run(["rm", "-rf", str(ROOT / n)], check=True)
         self.data = {n: loopdev(SIZE_MB) for n in ("alpha", "beta")}
         self.meta = {n: loopdev(2) for n in ("alpha", "beta")}
         metadata.format_metadata(self.meta["alpha"], SIZE // 512, CHUNK // 512, force=True)
         nodes = {n: {"address": f"127.0.0.{i}", "device": self.data[n], "metadata": self.meta[n]}
                  for i, n in enumerate(("alpha", "beta"), start=1)}
+        targets = {"beta": "sync"}
+        if gamma:  # a third node, asynchronous, its copy in an image file: never promoted
+            img = ROOT / "gamma.img"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            with open(img, "wb") as f:
+                f.truncate(SIZE)
+            cleanup.file(img)
+            self.data["gamma"] = str(img)
+            nodes["gamma"] = {"address": "127.0.0.3", "device": str(img)}
+            targets["gamma"] = "async"
         extra = "\n".join([
             "hook_timeout: 2s",
             f"fencing: {'resource-and-stonith' if fencing else 'none'}",
@@ -57,8 +69,10 @@ class Pair:
                f"  - address: {{ip: {FLOAT_IP}/24, interface: {FLOAT_IF}}}"] if actions else []),
         ])
         secret = write_secret(ROOT / "secret")
-        self.configs = {n: parse_config(config_text(n, nodes, {"beta": "sync"}, secret=secret,
-                                                    extra=extra), f"<{n}>") for n in nodes}
+        # a sync timeout long enough that a loaded emulated VM never gives up on beta, short
+        # enough that a "crash" (the device removed under a waiting write) does not take long
+        self.configs = {n: parse_config(config_text(n, nodes, targets, secret=secret, extra=extra,
+                                                    sync_timeout="10s"), f"<{n}>") for n in nodes}
         self.daemons: dict[str, Daemon] = {}
         MNT.mkdir(parents=True, exist_ok=True)
         for f in (VETO, FENCED):
@@ -160,10 +174,11 @@ def test_switchover_there_and_back(cleanup, loopdev):
     """Planned switchover with ext4 mounted by the mount action and the floating address moved:
     nothing lost, no full sync anywhere, all copies equal after each step; and the refusals on
     the way change nothing."""
-    c = Pair(cleanup, loopdev)
+    c = Pair(cleanup, loopdev, gamma=True)
+    c.start("gamma")
     c.start("beta")
     alpha = c.start("alpha")
-    c.wait_converged("beta streaming")
+    c.wait_converged("beta and gamma streaming")
     subprocess.run(["mkfs.ext4", "-q", "-F", "/dev/mapper/r0"], check=True)
     subprocess.run(["mount", "/dev/mapper/r0", str(MNT)], check=True)
     files = _write_files("a")
@@ -197,8 +212,9 @@ def test_switchover_there_and_back(cleanup, loopdev):
     assert _mounted() and FLOAT_IP in _addresses()
     _check_files(files)
     files |= _write_files("b")
-    c.wait_converged("alpha streaming from beta")
-    # only what beta wrote travelled, not the device
+    c.wait_converged("alpha and gamma streaming from beta")
+    # only what beta wrote travelled, not the device: to alpha from its bitmap, to gamma (whose
+    # bitmap beta cannot know) by checksums
     assert c.bytes_sent() < SIZE // 4, c.bytes_sent()
     st = c.status("alpha")
     assert (st["role"], st["disk"], st["source"]) == ("secondary", "UpToDate", "beta")
@@ -206,18 +222,22 @@ def test_switchover_there_and_back(cleanup, loopdev):
     c.daemons["beta"].demote("r0")
     assert not _mounted() and FLOAT_IP not in _addresses()
     assert sha256_of(c.data["alpha"], SIZE) == sha256_of(c.data["beta"], SIZE)
+    wait_for(lambda: sha256_of(c.data["gamma"], SIZE) == sha256_of(c.data["beta"], SIZE), 60,
+             "gamma to hold what beta held")
     assert "alpha is the primary" in alpha.promote("r0")
     _check_files(files)
-    c.wait_converged("beta streaming from alpha again")
+    c.wait_converged("beta and gamma streaming from alpha again")
     assert c.bytes_sent() < SIZE // 4
     subprocess.run(["umount", str(MNT)], check=True)
-    c.wait_converged("beta has the unmount")
-    assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data["beta"], SIZE)
+    c.wait_converged("beta and gamma have the unmount")
+    for n in ("beta", "gamma"):
+        assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data[n], SIZE), n
 
 
-def _writer(dev: str, stop: threading.Event, acked: dict[int, bytes], first: int,
+def _writer(dev: str, stop: threading.Event, acked: dict[int, tuple[bytes, float]], first: int,
             count: int) -> None:
-    """O_DIRECT|O_SYNC writes of unique 4 KiB blocks; each one acknowledged is recorded."""
+    """O_DIRECT|O_SYNC writes of unique 4 KiB blocks; each one acknowledged is recorded with
+    the time it was."""
     import mmap
     buf = mmap.mmap(-1, CHUNK)
     fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
@@ -231,7 +251,7 @@ def _writer(dev: str, stop: threading.Event, acked: dict[int, bytes], first: int
                 os.pwrite(fd, buf, block * CHUNK)
             except OSError:
                 return  # the device went away: that write was not acknowledged
-            acked[block] = data
+            acked[block] = (data, time.monotonic())
             i += 1
     finally:
         os.close(fd)
@@ -246,11 +266,16 @@ def test_failover_and_the_old_primary_returns_with_only_the_union(cleanup, loopd
     c.start("beta")
     c.start("alpha")
     c.wait_converged("beta streaming")
-    acked: dict[int, bytes] = {}
+    acked: dict[int, tuple[bytes, float]] = {}
     stop = threading.Event()
     w = threading.Thread(target=_writer, args=("/dev/mapper/r0", stop, acked, 0, 4000))
     w.start()
     wait_for(lambda: len(acked) > 300, 120, "some sync writes acknowledged")
+    # The crash is at `crashed`. One kernel serves both nodes here, so alpha's kernel lives on
+    # after it: it completes the writes in flight once its daemon is gone (P5: never blocked
+    # forever on user space). A real crash would never have acknowledged them: only what was
+    # acknowledged before the crash must be on beta.
+    crashed = time.monotonic()
     c.crash("alpha")
     stop.set()
     w.join(30)
@@ -263,8 +288,10 @@ def test_failover_and_the_old_primary_returns_with_only_the_union(cleanup, loopd
     VETO.unlink()
     beta.promote("r0")
     assert FENCED.read_text().split() == ["alpha"]
+    before = {block: data for block, (data, when) in acked.items() if when < crashed}
+    assert len(before) > 300
     with open("/dev/mapper/r0", "rb", buffering=0) as f:
-        for block, data in acked.items():
+        for block, data in before.items():
             f.seek(block * CHUNK)
             assert f.read(CHUNK) == data, f"acknowledged block {block} lost"
 

@@ -110,7 +110,8 @@ def start_as_primary(state_dir: Path, cfg: Resource, node: str, old: P.Generatio
     generation descended from the one it holds, and per peer an out-of-sync bitmap with the
     generation it is kept against. The node it was syncing from (`last_primary`) differs from
     it only by that node's own changes, which it reports when it connects (OUT_OF_SYNC): an empty
-    bitmap. Any other peer may lack anything: a full bitmap (docs/failover.md)."""
+    bitmap. Any other peer may lack anything: a full bitmap, resynced by checksums since it holds
+    data of ours (Link._take_report; docs/failover.md)."""
     history = ([old.current] if old.current else []) + list(old.history)
     new = P.Generations(secrets.randbits(63) | 1, tuple(history[:P.MAX_HISTORY]))
     nr_chunks = -(-metadata.device_bytes(str(cfg.nodes[node].device)) // cfg.chunk_size)

@@ -95,6 +95,7 @@ class Link:
         self.pongs: dict[int, threading.Event] = {}
         self.csum_replies: queue.Queue[P.CsumReply] = queue.Queue()
         self.sent_max = 0        # highest ring seq sent on the current connection
+        self.by_checksum = False  # this session resyncs by comparing checksums (_take_report)
         self.bytes_sent = 0
         self.sync_total = 0
         self.sync_done = 0
@@ -200,9 +201,13 @@ class Link:
         a former primary, or a target that was in sync when it left); anything else gets a full
         sync. Then OR in the chunks the target reports as its own changes (OUT_OF_SYNC)."""
         res = self.res
+        self.by_checksum = False
         if not (theirs.current == mine.current or theirs.current == self.saved.get("peer_gen")):
-            log.info("%s/%s: target holds no data this bitmap was kept against: full sync",
-                     res.name, self.name)
+            # data of ours, but we cannot tell which chunks it lacks (a node that followed
+            # another primary): compare every chunk's checksum, send only what differs
+            self.by_checksum = theirs.current != 0
+            log.info("%s/%s: target holds no data this bitmap was kept against: full sync%s",
+                     res.name, self.name, " by checksums" if self.by_checksum else "")
             self.oos.set_all()
         bits = P.receive_out_of_sync(conn, self.oos.nbytes)
         changed = self.oos.absorb_masked(bits)
@@ -390,11 +395,15 @@ class Link:
         of a window once the target has it durable. None when there was nothing to send."""
         run = next(s.resync, None)
         if run is not None:
-            data = self.res.read_chunks(run, s.buf)
-            conn.send_message(P.ResyncChunk(run.start, data))  # sent: buf is free again
-            self.bytes_sent += len(data)
+            if self.by_checksum:
+                nbytes = self._send_differing(conn, run, s.buf)
+            else:
+                data = self.res.read_chunks(run, s.buf)
+                conn.send_message(P.ResyncChunk(run.start, data))  # sent: buf is free again
+                self.bytes_sent += len(data)
+                nbytes = len(data)
             s.inflight.append(run)
-            s.inflight_bytes += len(data)
+            s.inflight_bytes += nbytes
         if s.inflight and (run is None or s.inflight_bytes >= RESYNC_WINDOW):
             # ping the window and go on sending: the link never idles waiting
             s.unconfirmed.append((self._send_ping(conn), s.inflight, s.inflight_bytes))
@@ -416,6 +425,32 @@ class Link:
             return "another resync pass"
         self._resync_done(conn, "resync finished")
         return None
+
+    def _send_differing(self, conn: P.FramedConnection, run: range, buf: Any) -> int:
+        """Resync `run` by checksums: ask the target for its digests, send only the chunks
+        whose data differs. The local read comes after the records already sent, as in a plain
+        resync. The bytes compared."""
+        algo = P.DigestAlgorithm.BLAKE2B_256
+        conn.send_message(P.CsumRequest(run.start, len(run), algo))
+        reply = self.res.csum_reply(self, run.start, algo)
+        if len(reply.digests) != len(run):
+            raise ReplError(f"{self.res.name}/{self.name}: checksum reply for chunks "
+                            f"{run.start}+{len(run)} has {len(reply.digests)} digests")
+        data = self.res.read_chunks(run, buf)
+        chunk = self.res.chunk_bytes
+        differs = [algo.digest(data[k * chunk:(k + 1) * chunk]) != theirs
+                   for k, theirs in enumerate(reply.digests)]
+        k = 0
+        while k < len(run):
+            first = k
+            while k < len(run) and differs[k]:
+                k += 1
+            if k > first:  # a run of differing chunks: one frame
+                piece = data[first * chunk:k * chunk]
+                conn.send_message(P.ResyncChunk(run.start + first, piece))
+                self.bytes_sent += len(piece)
+            k += 1
+        return len(data)
 
     def _send_records(self, conn: P.FramedConnection, gen: int) -> int:
         with self.send_lock:

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ log = logging.getLogger("repctl.daemon")
 __all__ = ["Daemon"]
 
 DRAIN_TIMEOUT = 60.0  # seconds a demote waits for the targets in session to hold every write
+BUSY_RETRIES = 3  # a peer connected to a primary is asked again this often, a second apart
 
 
 class Daemon:
@@ -110,8 +112,17 @@ class Daemon:
                                 device_size=metadata.device_bytes(str(cfg.nodes[self.node].device)),
                                 chunk_size=cfg.chunk_size, generations=gens)
         secret = self.config.read_secret(cfg.name)
-        return {peer: probe(cfg, self.node, peer, secret, local)
-                for peer in cfg.targets_for(self.node)}
+        found = {peer: probe(cfg, self.node, peer, secret, local)
+                 for peer in cfg.targets_for(self.node)}
+        for _ in range(BUSY_RETRIES):
+            # a secondary may not have seen its primary's connection end yet (a demote just
+            # before): ask again before taking BUSY for a live primary
+            busy = [p for p, r in found.items() if r.kind is ProbeKind.BUSY]
+            if not busy:
+                break
+            time.sleep(1)
+            found |= {p: probe(cfg, self.node, p, secret, local) for p in busy}
+        return found
 
     def _become_secondary(self, cfg: Resource, gens: P.Generations, why: str,
                           *, discard: bool = False) -> None:

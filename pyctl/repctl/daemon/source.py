@@ -149,9 +149,9 @@ class SourceResource(ResourceBase):
         self.events.emit(resource=self.name, what=Event.UP,
                          text=f"primary of {self.name} on {self.dev_path}")
 
-    def stop(self, remove: bool = False) -> None:
+    def _stop_links(self) -> None:
+        """Stop every link (they see `stopping`) and wait until none reads the ring."""
         self.stopping.set()
-        self.engine_wake.set()
         for link in self.links.values():
             link.wake.set()
             if link.conn is not None:
@@ -159,6 +159,10 @@ class SourceResource(ResourceBase):
         for link in self.links.values():
             if link.thread.is_alive():
                 link.thread.join(5)
+
+    def stop(self, remove: bool = False) -> None:
+        self.engine_wake.set()
+        self._stop_links()
         if self.engine.is_alive():
             self.engine.join(5)
         self.listener.stop()
@@ -196,7 +200,9 @@ class SourceResource(ResourceBase):
             st = self.consumer.state()
             with self.lock:
                 joined = [l for l in self.links.values() if l.joined]
-            done = {l.name for l in joined if l.durable >= st.published} if st.streaming else set()
+            # a target still resyncing lacks chunks that no record will bring: not drained
+            done = {l.name for l in joined if l.durable >= st.published
+                    and l.state is LinkState.STREAMING} if st.streaming else set()
             if len(done) == len(self.links) or time.monotonic() >= deadline:
                 self.drained = frozenset(done)
                 return sorted(set(self.links) - done)
@@ -311,14 +317,7 @@ class SourceResource(ResourceBase):
         log.exception("%s: %s: the resource has failed", self.name, why)
         self.failed = why
         self.events.emit(resource=self.name, what=Event.FAILED, text=why)
-        self.stopping.set()  # the links stop
-        for link in self.links.values():
-            link.wake.set()
-            if link.conn is not None:
-                link.conn.close()
-        for link in self.links.values():
-            if link.thread.is_alive():
-                link.thread.join(5)  # none still reads the ring
+        self._stop_links()
         try:
             self.consumer.close()  # detached: the kernel tracks writes in its bitmap
         except Exception:
@@ -534,7 +533,7 @@ class SourceResource(ResourceBase):
                    and chunk_list[i + count] == first + count):
                 count += 1
             conn.send_message(P.CsumRequest(first, count, algo))
-            reply = self._csum_reply(link, first, algo)
+            reply = self.csum_reply(link, first, algo)
             if len(reply.digests) != count:
                 # fewer digests would leave chunks uncompared: never "identical" by omission
                 raise ReplError(f"{self.name}/{link.name}: checksum reply for chunks {first}+{count} "
@@ -550,7 +549,7 @@ class SourceResource(ResourceBase):
                 progress.advance(count, len(differing) - before)
         return differing
 
-    def _csum_reply(self, link: Link, first: int, algo: P.DigestAlgorithm) -> P.CsumReply:
+    def csum_reply(self, link: Link, first: int, algo: P.DigestAlgorithm) -> P.CsumReply:
         """The reply to our CSUM_REQUEST for `first`; stale replies (an earlier verify's) are dropped."""
         deadline = time.monotonic() + 60
         while True:
@@ -588,8 +587,21 @@ def mapping_of(name: str, data_dev: str) -> bool:
         table = ctl.table(name)
     rdev = os.stat(data_dev).st_rdev
     ours = f"{os.major(rdev)}:{os.minor(rdev)}"
-    if len(table) == 1 and table[0].target_type == "repl" and table[0].params.split()[0] == ours:
+    if len(table) == 1 and table[0].target_type == "repl" and _same_device(
+            table[0].params.split()[0], rdev):
         return True
     raise ReplError(f"/dev/mapper/{name} exists but is not the repl device over {data_dev} "
                     f"({ours}): its table is {[(t.target_type, t.params) for t in table]}; "
                     "remove it or rename the resource")
+
+
+def _same_device(spec: str, rdev: int) -> bool:
+    """Whether a table's device argument (a path, as the target repeats it, or MAJ:MIN) is the
+    block device `rdev`."""
+    if spec.count(":") == 1 and not spec.startswith("/"):
+        major, minor = spec.split(":")
+        return major.isdigit() and minor.isdigit() and os.makedev(int(major), int(minor)) == rdev
+    try:
+        return os.stat(spec).st_rdev == rdev
+    except OSError:
+        return False

@@ -38,7 +38,7 @@ class Store(ABC):
     def size(self) -> int:
         """Size in bytes."""
 
-    def write(self, offset: int, data: memoryview | bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
@@ -57,7 +57,8 @@ class Store(ABC):
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeros."""
 
-    def apply(self, op: str, sector: int, length: int, data: memoryview | bytes, fua: bool) -> None:
+    def apply(self, op: str, sector: int, length: int, data: bytes | bytearray | memoryview,
+              fua: bool) -> None:
         """Apply one ring record (op names as in repctl.uapi.OP_NAMES)."""
         offset = sector * SECTOR
         if op == "write":
@@ -87,7 +88,7 @@ class BlockStore(Store):
     @property
     def size(self) -> int:
         buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
-        return struct.unpack("Q", buf)[0]
+        return int(struct.unpack("Q", buf)[0])
 
     def _range_ioctl(self, req: int, offset: int, length: int) -> None:
         fcntl.ioctl(self.fd, req, struct.pack("QQ", offset, length))

@@ -384,6 +384,7 @@ class Link:
         """The target holds our data but for the records in flight: it takes our generation,
         and this link's bitmap is kept against it from now on."""
         conn.send_message(P.ResyncDone(0))
+        self.by_checksum = False  # the target holds our data: its bitmap is known from now on
         gen = self.res.generations().current
         if self.saved.get("peer_gen") != gen:
             self.saved["peer_gen"] = gen

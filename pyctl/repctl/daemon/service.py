@@ -236,7 +236,7 @@ class Daemon:
             raise ReplError(f"{resource}: cannot promote {self.node}: its copy {node.device} is an "
                             "image file; only a block device can carry /dev/mapper/"
                             f"{resource}")
-        sb = self._metadata_for_promote(cfg)
+        sb = self._metadata_for_promote(cfg)  # checked now, formatted (if blank) once decided
         if cfg.fencing is Fencing.RESOURCE_AND_STONITH:
             for p in probes.values():
                 if p.kind is ProbeKind.UNREACHABLE:
@@ -252,6 +252,11 @@ class Daemon:
             log.warning("%s: promoting %s by force with data %s", resource, self.node,
                         res.disk_state())
         # from here on the node changes: a new generation before the device can be written
+        if sb is None:
+            assert node.metadata is not None
+            sb = metadata.format_metadata(node.metadata,
+                                          metadata.device_bytes(str(node.device)) // 512,
+                                          cfg.chunk_size // 512)
         old, last = res.generations(), res.saved.get("source")
         res.stop()
         del self.resources[resource]
@@ -269,16 +274,19 @@ class Daemon:
                             f"but {e}") from None
         return f"{resource}: {self.node} is the primary"
 
-    def _metadata_for_promote(self, cfg: Resource) -> metadata.Superblock:
-        """This node's metadata superblock, formatted now if the device holds nothing."""
+    def _metadata_for_promote(self, cfg: Resource) -> metadata.Superblock | None:
+        """This node's metadata superblock; None if the device holds none yet and is large
+        enough for one (promote formats it once every check passed). Refuses metadata of
+        another geometry, or a device too small."""
         node = cfg.nodes[self.node]
         assert node.metadata is not None
         size = metadata.device_bytes(str(node.device))
         sb = metadata.read_superblock(node.metadata)
         if sb is None:
-            metadata.format_metadata(node.metadata, size // 512, cfg.chunk_size // 512)
-            sb = metadata.read_superblock(node.metadata)
-            assert sb is not None
+            need = metadata.metadata_bytes(size // 512, cfg.chunk_size // 512)
+            if metadata.device_bytes(node.metadata) < need:
+                raise ReplError(f"{cfg.name}: cannot promote {self.node}: its metadata device "
+                                f"{node.metadata} holds fewer than the {need} bytes it needs")
         elif sb.data_sectors != size // 512 or sb.chunk_sectors != cfg.chunk_size // 512:
             raise ReplError(f"{cfg.name}: cannot promote {self.node}: the metadata on "
                             f"{node.metadata} was made for another device size or chunk size; "

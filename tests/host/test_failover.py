@@ -346,6 +346,7 @@ def test_a_secondary_runs_the_resync_hooks_around_a_resync(tmp_path: Path) -> No
         {"current": 7, "history": [], "consistent": True}))
     hooks = {"before-resync-target": str(script), "after-resync-target": str(script)}
     t = Target(tmp_path, resource={"hooks": hooks})
+    events = t.res.events.subscribe()
     try:
         veto.touch()
         conn = t.connect()
@@ -368,6 +369,11 @@ def test_a_secondary_runs_the_resync_hooks_around_a_resync(tmp_path: Path) -> No
         assert log.read_text().splitlines() == ["before-resync-target alpha secondary",
                                                 "after-resync-target alpha secondary"]
         conn.close()
+        until(lambda: t.res.conn is None, "the connection to end")
+        disks = [(e["old"], e["new"]) for e in seen(events) if e["what"] == "disk"]
+        assert disks == [("Consistent", "UpToDate"), ("UpToDate", "Consistent"),
+                         ("Consistent", "UpToDate"), ("UpToDate", "Inconsistent"),
+                         ("Inconsistent", "UpToDate"), ("UpToDate", "Consistent")], disks
     finally:
         t.stop()
 
@@ -383,3 +389,7 @@ def test_a_table_names_its_device_by_path_or_number() -> None:
     assert not _same_device("/dev/zero", null)
     assert not _same_device("/nonexistent", null)
     assert not _same_device("1:x", null)
+
+
+def seen(q: Any) -> list[dict[str, Any]]:
+    return [q.get(timeout=1) for _ in range(q.qsize())]

@@ -117,4 +117,5 @@ class Event(StrEnum):
     FELL_BEHIND = "fell_behind"        # the kernel stopped its ring: `text` is its reason
     NEW_GENERATION = "new_generation"  # the source started a new data generation: `text`
     ROLE = "role"                      # this node's role changed: `old`, `new`, `text`
+    DISK = "disk"                      # a secondary's disk state changed: `old`, `new`, `text`
     SPLIT_BRAIN = "split_brain"        # a peer's data diverged from ours: `peer`, `text`

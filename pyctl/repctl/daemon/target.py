@@ -74,6 +74,7 @@ class TargetResource(ResourceBase):
         self.peer: str | None = None  # the primary connected now
         self.conn_lock = threading.Lock()  # guards conn and peer
         self.state = ReplicaState.DISCONNECTED
+        self.disk = DiskState.INCONSISTENT if not self.saved["consistent"] else DiskState.CONSISTENT
         self.bytes_received = 0
         self.listener = Listener(self.name, (cfg.nodes[self.node].address, cfg.port), self._handle)
 
@@ -102,6 +103,11 @@ class TargetResource(ResourceBase):
             old, self.state = self.state, state
             self.events.emit(resource=self.name, target=self.node, what=Event.STATE, old=old,
                              new=state, text=why)
+        disk = self.disk_state()  # changes with the state, the connection or the consistency
+        if disk is not self.disk:
+            old_disk, self.disk = self.disk, disk
+            self.events.emit(resource=self.name, what=Event.DISK, old=old_disk, new=disk,
+                             text=why)
 
     def generations(self) -> P.Generations:
         return P.Generations(int(self.saved["current"]), tuple(self.saved["history"]))

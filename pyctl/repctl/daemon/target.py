@@ -76,6 +76,7 @@ class TargetResource(ResourceBase):
         self.state = ReplicaState.DISCONNECTED
         self.disk = DiskState.INCONSISTENT if not self.saved["consistent"] else DiskState.CONSISTENT
         self.bytes_received = 0
+        self.in_sync = False  # the primary said so (RESYNC_DONE) in this session
         self.listener = Listener(self.name, (cfg.nodes[self.node].address, cfg.port), self._handle)
 
     def start(self) -> None:
@@ -120,7 +121,7 @@ class TargetResource(ResourceBase):
             return DiskState.INCONSISTENT
         if self.saved.get("outdated"):
             return DiskState.OUTDATED
-        if self.conn is not None and self.state is ReplicaState.STREAMING:
+        if self.conn is not None and self.state is ReplicaState.STREAMING and self.in_sync:
             return DiskState.UP_TO_DATE
         return DiskState.CONSISTENT
 
@@ -193,6 +194,7 @@ class TargetResource(ResourceBase):
         assert store is not None
         sock = conn.sock
         source_gen = info.generations
+        self.in_sync = False  # until the primary says so: its report may still refuse us
         self._set_state(ReplicaState.STREAMING, f"source {info.node} connected")
         chunk = self.cfg.chunk_size
         # ring sequence numbers belong to this connection: nothing of it is applied yet, and an
@@ -257,6 +259,7 @@ class TargetResource(ResourceBase):
                                   history=list(source_gen.history), source=info.node,
                                   local_changes=False, outdated=False)
                 self._save()
+                self.in_sync = True
                 self._set_state(ReplicaState.STREAMING, "resync finished: consistent")
                 if resynced:
                     resynced = False

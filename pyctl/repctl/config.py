@@ -78,6 +78,17 @@ class Fencing(StrEnum):
     RESOURCE_AND_STONITH = "resource-and-stonith"  # the fence-peer hook must succeed first
 
 
+class SplitBrainPolicy(StrEnum):
+    """What the primary does on meeting a secondary whose data diverged from its own (DRBD's
+    ``after-sb-0pri``/``after-sb-1pri``). The victim is always the secondary: a primary serving
+    its device is never overwritten automatically (docs/failover.md, "Split brain")."""
+
+    DISCONNECT = "disconnect"  # nothing changes; `repctl resolve` by hand
+    DISCARD_ZERO_CHANGES = "discard-zero-changes"  # the secondary, if it wrote nothing since
+    DISCARD_LEAST_CHANGES = "discard-least-changes"  # the secondary, if it changed fewer chunks
+    DISCARD_YOUNGER_PRIMARY = "discard-younger-primary"  # the secondary, if promoted after us
+
+
 class HookEvent(StrEnum):
     """The events that hook commands hang on: the keys of ``resources.NAME.hooks``.
 
@@ -168,6 +179,7 @@ class Resource:
     nodes: Mapping[str, Node]
     targets: Mapping[str, Target]
     fencing: Fencing = Fencing.NONE
+    after_split_brain: SplitBrainPolicy = SplitBrainPolicy.DISCONNECT
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT  # seconds, for each hook command and action step
     # event -> commands, run in order; an event without commands is absent
     hooks: Mapping[HookEvent, tuple[Command, ...]] = field(
@@ -300,6 +312,7 @@ class Config:
                 for t in r.targets.values()
             }
             out["fencing"] = r.fencing.value
+            out["after_split_brain"] = r.after_split_brain.value
             out["hook_timeout"] = format_duration(r.hook_timeout)
             if r.hooks:
                 out["hooks"] = {
@@ -582,6 +595,12 @@ def _list(value: object) -> list[Any]:
     return value
 
 
+def _split_brain_policy(value: object) -> SplitBrainPolicy:
+    if isinstance(value, str) and value in {p.value for p in SplitBrainPolicy}:
+        return SplitBrainPolicy(value)
+    raise _Invalid(f"a split-brain policy: {' or '.join(p.value for p in SplitBrainPolicy)}")
+
+
 def _fencing(value: object) -> Fencing:
     if isinstance(value, str) and value in {f.value for f in Fencing}:
         return Fencing(value)
@@ -710,6 +729,7 @@ _RESOURCE_KEYS = {
     "nodes": _Key(_mapping),
     "targets": _Key(_mapping),
     "fencing": _Key(_fencing, Fencing.NONE),
+    "after_split_brain": _Key(_split_brain_policy, SplitBrainPolicy.DISCONNECT),
     "hook_timeout": _Key(
         _bounded_duration(MIN_HOOK_TIMEOUT, MAX_HOOK_TIMEOUT, "for one hook command or action"),
         DEFAULT_HOOK_TIMEOUT,
@@ -992,6 +1012,7 @@ class _Validator:
             nodes=MappingProxyType(nodes),
             targets=MappingProxyType(targets),
             fencing=r["fencing"],
+            after_split_brain=r["after_split_brain"],
             hook_timeout=r["hook_timeout"],
             hooks=MappingProxyType(hooks),
             actions=self.actions(r["actions"], (*path, "actions"), nodes),

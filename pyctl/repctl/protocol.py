@@ -137,6 +137,7 @@ class ErrorCode(IntEnum):
     NO_SPACE = 3
     BAD_REQUEST = 4
     SHUTDOWN = 5
+    SPLIT_BRAIN = 6  # the source found the target's data diverged and refuses it (after the report)
 
 
 class Role(IntEnum):

@@ -267,6 +267,10 @@ CASES = [
     # fencing, hook_timeout, hooks
     ("bad fencing", _set(f"{R0}.fencing", "stonith"), f"{R0}.fencing",
      "expected a fencing policy: none or resource-and-stonith, got 'stonith'"),
+    ("bad split-brain policy", _set(f"{R0}.after_split_brain", "discard-secondary"),
+     f"{R0}.after_split_brain", "expected a split-brain policy: disconnect or "
+     "discard-zero-changes or discard-least-changes or discard-younger-primary, got "
+     "'discard-secondary'"),
     ("fencing without a fence-peer hook", _set(f"{R0}.fencing", "resource-and-stonith"),
      f"{R0}.hooks.fence-peer", ("expected a fence-peer hook (fencing is resource-and-stonith: a "
      "node is promoted only after this hook fenced its peer), got nothing")),
@@ -684,6 +688,7 @@ def full() -> dict[str, Any]:
     data = copy.deepcopy(VALID)
     data["resources"]["r0"].update(
         fencing="resource-and-stonith",
+        after_split_brain="discard-least-changes",
         hook_timeout="2m",
         hooks={
             "fence-peer": "/usr/local/sbin/fence-peer --ipmi",
@@ -704,6 +709,7 @@ def full() -> dict[str, Any]:
 def test_failover_keys_load(tmp_path):
     res = c.load_config(write(tmp_path, full())).resource("r0")
     assert res.fencing is c.Fencing.RESOURCE_AND_STONITH
+    assert res.after_split_brain is c.SplitBrainPolicy.DISCARD_LEAST_CHANGES
     assert res.hook_timeout == 120.0
     assert dict(res.hooks) == {
         c.HookEvent.FENCE_PEER: (("/usr/local/sbin/fence-peer", "--ipmi"),),
@@ -734,6 +740,7 @@ def test_failover_keys_round_trip(tmp_path):
     assert again.to_dict() == cfg.to_dict()
     r0 = cfg.to_dict()["resources"]["r0"]
     assert r0["fencing"] == "resource-and-stonith" and r0["hook_timeout"] == "2m"
+    assert r0["after_split_brain"] == "discard-least-changes"
     assert r0["hooks"]["fence-peer"] == "/usr/local/sbin/fence-peer --ipmi"
     assert r0["actions"][3] == {"address": {"ip": "10.0.0.100/24", "interface": "eth0"}}
     assert r0["actions"][1] == {"mount": {"mountpoint": "/srv/r0 logs"}}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from repctl import metadata
 from repctl import protocol as P
+from repctl.config import SplitBrainPolicy
 from repctl.daemon import Daemon
 from repctl.daemon.base import local_changes
 from repctl.daemon.failover import (
@@ -23,8 +24,8 @@ from repctl.daemon.failover import (
     save_role,
     start_as_primary,
 )
-from repctl.daemon.state import DiskState, Role, transition_refusal
-from repctl.errors import ProtocolError, ReplError
+from repctl.daemon.state import DiskState, Role, split_brain_refusal, transition_refusal
+from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.oos import OOSBitmap
 from test_daemon_safety import CHUNK, SIZE, Target, make_source, until, write_config
 
@@ -248,6 +249,113 @@ def test_a_secondary_reports_its_own_changes_once(tmp_path: Path) -> None:
         until(lambda: t.res.conn is None, "the first connection to end")
         t.connect().close()
         assert t.report == bytes(NR // 8)
+    finally:
+        t.stop()
+
+
+# ----------------------------------------------------------------------------- split-brain policies
+
+G0, G, GA, GB = 0x10, 0x20, 0x30, 0x40  # a common ancestor, the primary's, two diverged ones
+
+
+@pytest.mark.parametrize("policy", list(SplitBrainPolicy))
+@pytest.mark.parametrize(("theirs", "mine", "younger"), [(0, 0, True), (0, 5, False),
+                                                        (2, 5, True), (5, 5, True), (8, 5, True),
+                                                        (2, 5, None), (2, 5, False)])
+def test_the_policies(policy: SplitBrainPolicy, theirs: int, mine: int,
+                      younger: bool | None) -> None:
+    """The secondary is the only possible victim; each policy names when it is one."""
+    why = split_brain_refusal(policy, mine=mine, theirs=theirs, younger=younger)
+    settled = {SplitBrainPolicy.DISCONNECT: False,
+               SplitBrainPolicy.DISCARD_ZERO_CHANGES: theirs == 0,
+               SplitBrainPolicy.DISCARD_LEAST_CHANGES: theirs < mine,
+               SplitBrainPolicy.DISCARD_YOUNGER_PRIMARY: younger is True}[policy]
+    assert (why is None) is settled, why
+    if why is not None:
+        assert policy.value in why or "resolve" in why
+
+
+def _chunks(oos: OOSBitmap) -> list[int]:
+    return [c for run in oos.runs(NR) for c in run]
+
+
+def _diverged(tmp_path: Path, policy: str, *, theirs: list[int], mine: list[int],
+              target_gens: tuple[int, list[int]], primary_gens: tuple[int, list[int]],
+              peer_gen: int | None) -> tuple[Target, Any]:
+    """A secondary beta holding `target_gens` and `theirs` changed chunks, and a primary alpha
+    holding `primary_gens` whose bitmap for beta (kept against `peer_gen`) holds `mine`."""
+    folder = tmp_path / "st" / "r0"
+    folder.mkdir(parents=True)
+    (folder / "alpha.oos").write_bytes(_bits(theirs))
+    current, history = target_gens
+    (folder / "target.json").write_text(json.dumps(
+        {"current": current, "history": history, "consistent": True, "local_changes": True}))
+    (folder / "beta.json").write_text(json.dumps({"admin": "up", "peer_gen": peer_gen}))
+    (folder / "beta.oos").write_bytes(_bits(mine))
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho $REPCTL_EVENT $REPCTL_PEER >> {tmp_path / 'hooks.log'}\n")
+    hook.chmod(0o755)
+    t = Target(tmp_path, resource={"after_split_brain": policy,
+                                   "hooks": {"split-brain": str(hook)}})
+    res = make_source(tmp_path, config=t.config)
+    res.gen = {"current": primary_gens[0], "history": primary_gens[1]}
+    return t, res
+
+
+@pytest.mark.parametrize(("policy", "theirs", "mine", "target_gens", "peer_gen", "outcome"), [
+    # beta was promoted from alpha's generation, wrote, and was demoted: the younger primary
+    ("discard-younger-primary", [1, 4, 5], [2], (GB, [G]), G, "settled"),
+    ("discard-least-changes", [1], [2, 3], (GB, [G]), G, "settled"),
+    ("discard-least-changes", [1, 4], [2, 3], (GB, [G]), G, "tie"),
+    ("discard-zero-changes", [], [2], (GB, [G]), G, "settled"),
+    ("discard-zero-changes", [1], [2], (GB, [G]), G, "changed 1 chunks"),
+    # both promoted after they parted from G0: which was later cannot be told
+    ("discard-younger-primary", [1], [2, 3], (GB, [G0]), G0, "cannot tell"),
+    ("discard-least-changes", [1], [2, 3], (GB, [G0]), G0, "settled"),
+    # a bitmap kept against no generation beta's data descends from counts nothing
+    ("discard-least-changes", [1], [2, 3], (GB, [G0]), None, "cannot be counted"),
+    ("disconnect", [1], [2, 3], (GB, [G]), G, "after_split_brain is disconnect"),
+])
+def test_a_diverged_secondary_is_discarded_only_as_the_policy_says(
+        tmp_path: Path, policy: str, theirs: list[int], mine: list[int],
+        target_gens: tuple[int, list[int]], peer_gen: int | None, outcome: str) -> None:
+    """The primary counts both sides' changes after the secondary's report; settled, the bitmap
+    is the union (the secondary's chunks overwritten, the hook run first); refused, nothing
+    changed on either side and the secondary is told why."""
+    primary = (G, [G0]) if peer_gen != G0 else (GA, [G0])
+    t, res = _diverged(tmp_path, policy, theirs=theirs, mine=mine, target_gens=target_gens,
+                       primary_gens=primary, peer_gen=peer_gen)
+    link = res.link("beta")
+    target_state = (tmp_path / "st" / "r0" / "target.json").read_bytes()
+    try:
+        if outcome == "settled":
+            conn = link._connect()
+            conn.close()
+            assert _chunks(link.oos) == sorted({*theirs, *mine})
+            assert (tmp_path / "hooks.log").read_text().split() == ["split-brain", "beta"]
+        else:
+            with pytest.raises(HandshakeRefused, match=outcome) as e:
+                link._connect()
+            assert e.value.reason == P.RefuseReason.SPLIT_BRAIN
+            assert _chunks(link.oos) == mine  # nothing absorbed
+            assert not (tmp_path / "hooks.log").exists()  # reported once by the link loop
+            if policy != "disconnect":  # refused after the report: beta is told why
+                until(lambda: "split brain" in str(t.res.last_error), "beta told")
+        until(lambda: t.res.conn is None, "the connection to end")
+        assert (tmp_path / "st" / "r0" / "target.json").read_bytes() == target_state
+    finally:
+        t.stop()
+
+
+def test_a_failing_split_brain_hook_refuses_the_settlement(tmp_path: Path) -> None:
+    t, res = _diverged(tmp_path, "discard-least-changes", theirs=[1], mine=[2, 3],
+                       target_gens=(GB, [G]), primary_gens=(G, []), peer_gen=G)
+    (tmp_path / "hook").write_text("#!/bin/sh\nexit 4\n")
+    link = res.link("beta")
+    try:
+        with pytest.raises(HandshakeRefused, match="not settled.*split-brain hook"):
+            link._connect()
+        assert _chunks(link.oos) == [2, 3]
     finally:
         t.stop()
 

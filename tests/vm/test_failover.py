@@ -40,7 +40,7 @@ class Pair:
     """alpha (primary at first, sync target beta), both promotable."""
 
     def __init__(self, cleanup, loopdev, *, fencing: bool = False, actions: bool = True,
-                 gamma: bool = False):
+                 gamma: bool = False, policy: str = "disconnect"):
         for n in ("alpha", "beta", "gamma"):
             subprocess.run(["rm", "-rf", str(ROOT / n)], check=True)
         self.data = {n: loopdev(SIZE_MB) for n in ("alpha", "beta")}
@@ -61,6 +61,7 @@ class Pair:
         extra = "\n".join([
             "hook_timeout: 2s",
             f"fencing: {'resource-and-stonith' if fencing else 'none'}",
+            f"after_split_brain: {policy}",
             "hooks:",
             f"  before-promote: \"/bin/sh -c 'test ! -e {VETO}'\"",
             f"  fence-peer: \"/bin/sh -c 'test ! -e {VETO} && echo $REPCTL_PEER >> {FENCED}'\"",
@@ -348,3 +349,77 @@ def test_split_brain_is_reported_and_changes_nothing_until_resolved(cleanup, loo
     c.wait_converged("alpha resynced after the resolution")
     assert c.bytes_sent() - sent_before <= 100 * CHUNK + (1 << 20)  # the union, not the device
     assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data["alpha"], SIZE)
+
+
+def _blocks(first: int, n: int) -> set[int]:
+    _writer("/dev/mapper/r0", threading.Event(), {}, first, n)
+    return set(range(first, first + n))
+
+
+def _sent_to(c: Pair, node: str) -> int:
+    primary = c.status(c.primary())
+    return sum(t["bytes_sent"] for t in primary["targets"] if t["name"] == node)
+
+
+@pytest.mark.parametrize(("case", "policy", "alpha_n", "beta_n", "settled"), [
+    # beta was promoted while alpha was down, wrote, was demoted; alpha comes back primary
+    ("demoted", "discard-younger-primary", 50, 20, True),
+    ("demoted", "discard-zero-changes", 50, 0, True),
+    ("demoted", "discard-least-changes", 20, 50, False),
+    # alpha, primary apart from beta, returns while beta is still primary
+    ("returning", "discard-least-changes", 20, 50, True),
+])
+def test_split_brain_policies(cleanup, loopdev, case, policy, alpha_n, beta_n, settled):
+    """Both sides write apart. The primary's policy discards the secondary's changes (resyncing
+    exactly the union of both sides' changed chunks) or refuses, and then no byte changes on
+    either side until `resolve --discard-local` on the victim."""
+    c = Pair(cleanup, loopdev, actions=False, policy=policy)
+    c.start("beta")
+    alpha = c.start("alpha")
+    c.wait_converged("beta streaming")
+    alpha.disconnect("r0", "beta")
+    wait_for(lambda: c.status("alpha")["targets"][0]["state"] == "disconnected", 30,
+             "beta disconnected")
+    alpha_blocks = _blocks(100, alpha_n)
+    alpha.down("r0")
+    beta = c.daemons["beta"]
+    beta.promote("r0")
+    beta_blocks = _blocks(3000, beta_n)
+    if case == "demoted":
+        beta.demote("r0")
+        primary, victim = "alpha", "beta"
+    else:
+        primary, victim = "beta", "alpha"
+    events = c.daemons[primary].subscribe()
+    before = sha256_of(c.data[victim], SIZE)
+    if case == "demoted":
+        # no primary anywhere: alpha serves again, beta holds changes of its own
+        alpha.up("r0")
+        sent_before = 0  # a new link
+        alpha.connect("r0", "beta")
+    else:
+        # beta is primary: alpha waits as its secondary, the policy on beta decides
+        sent_before = _sent_to(c, victim)
+        alpha.up("r0")
+        assert c.status("alpha")["role"] == "secondary"
+
+    def said() -> list[str]:
+        return [e["text"] for e in (events.get_nowait() for _ in range(events.qsize()))
+                if e["what"] == "split_brain"]
+
+    if settled:
+        c.wait_converged(f"{victim} resynced by {policy}")
+        assert _sent_to(c, victim) - sent_before == len(alpha_blocks | beta_blocks) * CHUNK
+        assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data[victim], SIZE)
+        assert any(f"settled by {policy}" in t for t in said())
+        return
+    texts = wait_for(said, 30, "the split brain reported")
+    assert any("not settled" in t and policy in t for t in texts), texts
+    time.sleep(6)  # the link tries again after SPLIT_BRAIN_RETRY: still refused
+    assert sha256_of(c.data[victim], SIZE) == before
+    assert _sent_to(c, victim) == sent_before
+    assert c.status(victim)["disk"] != "UpToDate"
+    assert "resyncs its changed chunks" in c.daemons[victim].resolve("r0", discard_local=True)
+    c.wait_converged(f"{victim} resynced after the resolution")
+    assert _sent_to(c, victim) - sent_before == len(alpha_blocks | beta_blocks) * CHUNK
+    assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data[victim], SIZE)

@@ -27,8 +27,8 @@ from repctl.statefile import StateError, atomic_write, load_json, save_json
 
 log = logging.getLogger("repctl.daemon")
 
-__all__ = ["Probe", "ProbeKind", "device_users", "load_role", "may_rejoin", "probe",
-           "save_role", "start_as_primary"]
+__all__ = ["Probe", "ProbeKind", "device_users", "load_role", "may_rejoin", "new_generation",
+           "probe", "save_role", "start_as_primary"]
 
 PROBE_TIMEOUT = 5.0  # seconds for one probe: connect and handshake
 
@@ -113,7 +113,7 @@ def start_as_primary(state_dir: Path, cfg: Resource, node: str, old: P.Generatio
     bitmap. Any other peer may lack anything: a full bitmap, resynced by checksums since it holds
     data of ours (Link._take_report; docs/failover.md)."""
     history = ([old.current] if old.current else []) + list(old.history)
-    new = P.Generations(secrets.randbits(63) | 1, tuple(history[:P.MAX_HISTORY]))
+    new = P.Generations(new_generation(), tuple(history[:P.MAX_HISTORY]))
     nr_chunks = -(-metadata.device_bytes(str(cfg.nodes[node].device)) // cfg.chunk_size)
     for peer in cfg.targets_for(node):
         known = peer == last_primary and old.current != 0
@@ -124,6 +124,11 @@ def start_as_primary(state_dir: Path, cfg: Resource, node: str, old: P.Generatio
     save_json(state_dir / "generation.json",
               {"current": new.current, "history": list(new.history), "md_uuid": md_uuid})
     return new
+
+
+def new_generation() -> int:
+    """A fresh data generation: random, never 0 ("no data")."""
+    return secrets.randbits(63) | 1
 
 
 def may_rejoin(state_dir: Path, cfg: Resource, node: str, mine: P.Generations,

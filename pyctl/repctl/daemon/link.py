@@ -8,6 +8,7 @@ ring position; the link never acknowledges anything to the kernel itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -19,9 +20,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from repctl import protocol as P
-from repctl.config import Node, Target, TargetMode
+from repctl.config import Node, SplitBrainPolicy, Target, TargetMode
 from repctl.daemon.base import set_aside, tune
-from repctl.daemon.state import Admin, Connection, Event, LinkState
+from repctl.daemon.state import Admin, Connection, Event, LinkState, split_brain_refusal
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.oos import OOSBitmap
 from repctl.statefile import StateError, load_json, save_json
@@ -39,6 +40,7 @@ ASYNC_BATCH = 64         # an async link is woken per this many records ...
 ASYNC_WAIT_MS = 20       # ... or after this long (the kernel wakes it sooner if the ring fills)
 ASYNC_NICE = 10          # CPU priority of an async link's thread: the applications come first
 RECONNECT_DELAY = 1.0
+SPLIT_BRAIN_RETRY = 5.0  # seconds between tries while a split brain refuses (each reads a report)
 FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
 
 # refusals that mean a split brain: our data and the peer's diverged, or both are primary
@@ -172,14 +174,20 @@ class Link:
                                 device_size=res.size, chunk_size=res.chunk_bytes,
                                 generations=res.generations())
 
+        policy = res.cfg.after_split_brain
+
         def check(peer: P.PeerInfo) -> None:
             rel = P.compare_generations(local.generations, peer.generations)
             if rel in (P.GenerationRelation.EQUAL, P.GenerationRelation.LOCAL_AHEAD):
                 return
+            if rel in (P.GenerationRelation.PEER_AHEAD, P.GenerationRelation.DIVERGED) and (
+                    policy is not SplitBrainPolicy.DISCONNECT):
+                return  # a split brain the policy may settle once the target reports (_take_report)
             raise HandshakeRefused(P.RefuseReason.SPLIT_BRAIN,
                                    f"target {peer.node} holds generation {peer.generations.current:#x}, "
                                    f"which is not in this source's history ({rel.name.lower()}): "
-                                   "split brain, resolve by hand")
+                                   f"split brain; after_split_brain is {policy}: `repctl resolve "
+                                   f"{res.name} --discard-local` on the node whose changes go")
         try:
             peer = P.handshake(conn, local, res.secret, P.Expect(frozenset({self.name}), check))
         except BaseException:
@@ -202,6 +210,10 @@ class Link:
         sync. Then OR in the chunks the target reports as its own changes (OUT_OF_SYNC)."""
         res = self.res
         self.by_checksum = False
+        if P.compare_generations(mine, theirs) not in (P.GenerationRelation.EQUAL,
+                                                      P.GenerationRelation.LOCAL_AHEAD):
+            self._settle_split_brain(conn, mine, theirs)
+            return
         if not (theirs.current == mine.current or theirs.current == self.saved.get("peer_gen")):
             # data of ours, but we cannot tell which chunks it lacks (a node that followed
             # another primary): compare every chunk's checksum, send only what differs
@@ -215,6 +227,40 @@ class Link:
             log.info("%s/%s: the target reports %d chunks of its own that may differ: resynced too",
                      res.name, self.name, changed)
         self.oos.save()
+
+    def _settle_split_brain(self, conn: P.FramedConnection, mine: P.Generations,
+                            theirs: P.Generations) -> None:
+        """The target's data diverged from ours and the policy (`after_split_brain`) is not
+        disconnect: discard the target's changes if the policy says so, by resyncing the union of
+        both sides' changes since the split; else refuse, nothing changed on either side. This
+        link's bitmap counts our changes only if it was kept against a generation the target's
+        data descends from; if not, nothing can be counted: refused."""
+        res = self.res
+        peer_gen = self.saved.get("peer_gen")
+        basis = next((g for g in (mine.current, peer_gen) if g and g in theirs.history), None)
+        bits = P.receive_out_of_sync(conn, self.oos.nbytes)
+        ours = self.oos.count()
+        their = int.from_bytes(bits, "little").bit_count()
+        policy = res.cfg.after_split_brain
+        if basis is None:
+            why: str | None = (f"no generation in common that this node's bitmap for {self.name} "
+                               "was kept against: the changes cannot be counted")
+        else:
+            younger = True if mine.current in theirs.history else (
+                False if theirs.current in mine.history else None)
+            why = split_brain_refusal(policy, mine=ours, theirs=their, younger=younger)
+        if why is not None:
+            text = (f"target {self.name} holds generation {theirs.current:#x}, diverged from this "
+                    f"primary's data: split brain, not settled: {why}")
+            with contextlib.suppress(OSError, ReplError):
+                conn.send_message(P.Error(P.ErrorCode.SPLIT_BRAIN, text))
+            raise HandshakeRefused(P.RefuseReason.SPLIT_BRAIN, text)
+        text = (f"split brain with {self.name} settled by {policy}: its {their} changed chunks "
+                f"are discarded (this node changed {ours}); the union is resynced")
+        res.split_brain(self.name, text, settled=True)  # its hook first: a failure refuses
+        self.oos.absorb_masked(bits)
+        self.oos.save()
+        log.warning("%s/%s: %d chunks to resync", res.name, self.name, self.oos.count())
 
     def _drop(self, why: str, quiet: bool = False) -> None:
         conn, self.conn = self.conn, None
@@ -303,7 +349,8 @@ class Link:
                 self.refusal = refusal
                 log.warning("%s/%s: cannot connect to %s:%s: %s", self.res.name, self.name,
                             *self.address, e)
-                self.wake.wait(RECONNECT_DELAY)
+                split = refusal is not None and refusal.reason in SPLIT_REASONS
+                self.wake.wait(SPLIT_BRAIN_RETRY if split else RECONNECT_DELAY)
                 self.wake.clear()
                 continue
             self.last_error = None

@@ -14,7 +14,7 @@ from typing import Any
 
 from repctl import dm, metadata
 from repctl import protocol as P
-from repctl.config import Config, Fencing, MountAction, Resource
+from repctl.config import Config, Fencing, MountAction, Resource, SplitBrainPolicy
 from repctl.daemon.events import Events
 from repctl.daemon.failover import (
     Probe,
@@ -22,6 +22,7 @@ from repctl.daemon.failover import (
     device_users,
     load_role,
     may_rejoin,
+    new_generation,
     probe,
     save_role,
     start_as_primary,
@@ -98,12 +99,22 @@ class Daemon:
         primaries = [p for p in self._probe(cfg, mine).values() if p.kind is ProbeKind.PRIMARY]
         if not primaries:
             return Role.PRIMARY
+        peer = primaries[0].peer
         why = may_rejoin(folder, cfg, self.node, mine, primaries[0])
-        if why is not None:
-            self._split_brain(cfg, primaries[0].peer, why)
+        if why is None:
+            self._become_secondary(cfg, mine, f"{peer} was promoted: this node, the former "
+                                   "primary, returns as its secondary")
+            return Role.SECONDARY
+        self._split_brain(cfg, peer, why)
+        if cfg.after_split_brain is SplitBrainPolicy.DISCONNECT:
             raise ReplError(f"resource {cfg.name}: {why}")
-        self._become_secondary(cfg, mine, f"{primaries[0].peer} was promoted: this node, the "
-                               "former primary, returns as its secondary")
+        # the policy decides on the primary, which alone knows its own changes: this node waits
+        # as its secondary, its data untouched, under a generation of its own that tells the
+        # primary these are changes made apart from it (Link._settle_split_brain)
+        ours = P.Generations(new_generation(), (mine.current, *mine.history)[:P.MAX_HISTORY])
+        self._become_secondary(cfg, ours, f"{peer} was promoted while this node was primary "
+                               f"apart from it; after_split_brain {cfg.after_split_brain} on "
+                               f"{peer} decides whether this node's changes are discarded")
         return Role.SECONDARY
 
     def _probe(self, cfg: Resource, gens: P.Generations) -> dict[str, Probe]:
@@ -353,14 +364,19 @@ class Daemon:
                 gens = P.Generations(int(gen["current"]), tuple(gen.get("history", ())))
             except (StateError, KeyError, ValueError):
                 gens = P.Generations(0)
-        # the primary takes our changes back only if its data descends from ours
-        known = [p for p in self._probe(cfg, gens).values()
-                 if p.kind is ProbeKind.PRIMARY and p.generations is not None
-                 and gens.current in p.generations.history]
+        # the primary resyncs only the union of both sides' changes if its data descends from
+        # a generation of ours: we present the newest such one, our changes since reported
+        lineages = [(p.generations.current, *p.generations.history)
+                    for p in self._probe(cfg, gens).values()
+                    if p.kind is ProbeKind.PRIMARY and p.generations is not None]
+        mine = (gens.current, *gens.history)
+        common = next((i for i, g in enumerate(mine) if g and lineages and g in lineages[0]), None)
+        if common is not None:
+            gens = P.Generations(mine[common], mine[common + 1:])
         self._become_secondary(cfg, gens, "split brain resolved: this node's changes are "
-                               "discarded", discard=not known)
+                               "discarded", discard=common is None)
         self.up(resource)
-        how = "its changed chunks" if known else "everything (no common generation)"
+        how = "its changed chunks" if common is not None else "everything (no common generation)"
         return f"{resource}: {self.node} is a secondary; the primary resyncs {how}"
 
     def down(self, resource: str) -> str:

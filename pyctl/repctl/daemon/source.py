@@ -179,9 +179,11 @@ class SourceResource(ResourceBase):
             dm.remove_device(self.name)
         self.events.emit(resource=self.name, what=Event.DOWN)
 
-    def split_brain(self, peer: str, why: str) -> None:
+    def split_brain(self, peer: str, why: str, *, settled: bool = False) -> None:
         """A peer's data diverged from ours, or it is primary too: report it (log, event, the
-        split-brain hook); the link stays refused, nothing is resolved here."""
+        split-brain hook). Unless `settled` (the policy discards the peer's changes: Link.
+        _settle_split_brain), the link stays refused. When settled, a failing hook refuses the
+        settlement: HandshakeRefused, nothing changed."""
         log.error("%s: split brain with %s: %s", self.name, peer, why)
         self.events.emit(resource=self.name, what=Event.SPLIT_BRAIN, peer=peer, text=why)
         try:
@@ -189,6 +191,9 @@ class SourceResource(ResourceBase):
                       role=Role.PRIMARY, executor=self.daemon.executor)
         except ReplError as e:
             log.error("%s: %s", self.name, e)
+            if settled:
+                raise HandshakeRefused(P.RefuseReason.SPLIT_BRAIN,
+                                       f"split brain with {peer} not settled: {e}") from None
 
     def drain(self, timeout: float) -> list[str]:
         """Wait (at most `timeout` s) until every target in session holds durably every write

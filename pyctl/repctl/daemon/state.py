@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from enum import StrEnum, unique
 
+from repctl.config import SplitBrainPolicy
+
 __all__ = ["Admin", "Connection", "DiskState", "Event", "LinkState", "ReplicaState", "Role",
-           "transition_refusal"]
+           "split_brain_refusal", "transition_refusal"]
 
 
 @unique
@@ -53,6 +55,34 @@ def transition_refusal(old: Role, new: Role, disk: DiskState, *, force: bool = F
                 f"{'incomplete' if disk is DiskState.INCONSISTENT else 'known to be old'}; "
                 "--force overrides this check")
     return None
+
+
+def split_brain_refusal(policy: SplitBrainPolicy, *, mine: int, theirs: int,
+                        younger: bool | None) -> str | None:
+    """Why a primary, on meeting a secondary whose data diverged from its own, does not discard
+    the secondary's changes by `policy`; None when it does (DRBD's after-sb-0pri/1pri, with the
+    secondary as the only possible victim: a primary serving its device is never overwritten by
+    itself). `mine`/`theirs`: the chunks each side changed since they parted; `younger`: whether
+    the secondary became primary after this node did (None: cannot be told)."""
+    if policy is SplitBrainPolicy.DISCONNECT:
+        return "the policy is disconnect: `repctl resolve --discard-local` on the victim"
+    if policy is SplitBrainPolicy.DISCARD_ZERO_CHANGES:
+        if theirs == 0:
+            return None
+        return (f"discard-zero-changes: the secondary changed {theirs} chunks since the split"
+                f"{'' if mine else ' and this primary none'}; only a side with no change is "
+                "discarded, and never the primary")
+    if policy is SplitBrainPolicy.DISCARD_LEAST_CHANGES:
+        if theirs < mine:
+            return None
+        return (f"discard-least-changes: the secondary changed {theirs} chunks since the split, "
+                f"this primary {mine}; only the side with fewer changes is discarded"
+                f"{' (a tie settles nothing)' if theirs == mine else ''}, and never the primary")
+    if younger:
+        return None
+    return ("discard-younger-primary: " + ("this primary became primary after the secondary did"
+            if younger is False else "both became primary after they parted and the generations "
+            "cannot tell which did last") + "; never the primary is discarded")
 
 
 @unique

@@ -281,6 +281,10 @@ class TargetResource(ResourceBase):
             elif isinstance(msg, P.CsumRequest):
                 conn.send_message(self._checksums(msg))
             elif isinstance(msg, P.Error):
+                if msg.code == P.ErrorCode.SPLIT_BRAIN:
+                    log.error("%s: split brain with %s: %s", self.name, info.node, msg.text)
+                    self.events.emit(resource=self.name, what=Event.SPLIT_BRAIN, peer=info.node,
+                                     text=msg.text)
                 raise ProtocolError(f"source reported: {msg.text}")
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the source")

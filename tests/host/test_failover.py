@@ -432,6 +432,20 @@ def test_demote_and_resolve_refuse_where_they_mean_nothing(tmp_path: Path) -> No
         d.stop()
 
 
+def test_resolve_runs_the_split_brain_hook_first(tmp_path: Path) -> None:
+    """A failing split-brain hook (it would snapshot the victim's data) refuses the resolution:
+    the secondary stays up with its state files as they were."""
+    d = _secondary_daemon(tmp_path, resource={"hooks": {"split-brain": "/bin/false"}})
+    try:
+        before = _state_files(tmp_path)
+        with pytest.raises(ReplError, match="split-brain hook"):
+            d.resolve("r0", discard_local=True)
+        assert _state_files(tmp_path) == before
+        assert d.status()["resources"][0]["role"] == "secondary"
+    finally:
+        d.stop()
+
+
 def test_the_secondary_status_shows_role_and_disk(tmp_path: Path) -> None:
     d = _secondary_daemon(tmp_path)
     try:

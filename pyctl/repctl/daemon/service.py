@@ -350,6 +350,11 @@ class Daemon:
                             "changes since the split are to be overwritten")
         cfg = self.config.resource(resource)
         res = self.resources.get(resource)
+        # the split-brain hook first (a snapshot of the victim's data, say): if it fails,
+        # nothing has changed
+        run_hooks(cfg, HookEvent.SPLIT_BRAIN, node=self.node, peer=None,
+                  role=Role.PRIMARY if isinstance(res, SourceResource) else Role.SECONDARY,
+                  executor=self.executor)
         if isinstance(res, SourceResource):
             self.demote(resource)
             res = self.resources.get(resource)

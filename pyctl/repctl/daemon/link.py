@@ -207,14 +207,13 @@ class Link:
         """Decide what the target needs after the handshake: the OOS bitmap holds what it lacks
         if it holds our generation, or the one this link's bitmap was kept against (`peer_gen`:
         a former primary, or a target that was in sync when it left); anything else gets a full
-        sync. Then OR in the chunks the target reports as its own changes (OUT_OF_SYNC)."""
+        sync. Then OR in the chunks the target reports as its own changes (OUT_OF_SYNC). A
+        target whose data diverged from ours is taken only as the split-brain policy says."""
         res = self.res
         self.by_checksum = False
-        if P.compare_generations(mine, theirs) not in (P.GenerationRelation.EQUAL,
-                                                      P.GenerationRelation.LOCAL_AHEAD):
-            self._settle_split_brain(conn, mine, theirs)
-            return
-        if not (theirs.current == mine.current or theirs.current == self.saved.get("peer_gen")):
+        split = P.compare_generations(mine, theirs) not in (P.GenerationRelation.EQUAL,
+                                                           P.GenerationRelation.LOCAL_AHEAD)
+        if not split and theirs.current not in (mine.current, self.saved.get("peer_gen")):
             # data of ours, but we cannot tell which chunks it lacks (a node that followed
             # another primary): compare every chunk's checksum, send only what differs
             self.by_checksum = theirs.current != 0
@@ -222,6 +221,8 @@ class Link:
                      res.name, self.name, " by checksums" if self.by_checksum else "")
             self.oos.set_all()
         bits = P.receive_out_of_sync(conn, self.oos.nbytes)
+        if split:
+            self._settle_split_brain(conn, mine, theirs, bits)  # raises unless settled
         changed = self.oos.absorb_masked(bits)
         if changed:
             log.info("%s/%s: the target reports %d chunks of its own that may differ: resynced too",
@@ -229,16 +230,15 @@ class Link:
         self.oos.save()
 
     def _settle_split_brain(self, conn: P.FramedConnection, mine: P.Generations,
-                            theirs: P.Generations) -> None:
+                            theirs: P.Generations, bits: bytes) -> None:
         """The target's data diverged from ours and the policy (`after_split_brain`) is not
-        disconnect: discard the target's changes if the policy says so, by resyncing the union of
-        both sides' changes since the split; else refuse, nothing changed on either side. This
-        link's bitmap counts our changes only if it was kept against a generation the target's
-        data descends from; if not, nothing can be counted: refused."""
+        disconnect: return if the policy discards the target's changes (`bits`, its report),
+        which the caller then resyncs with ours, the union; else refuse, nothing changed on
+        either side. This link's bitmap counts our changes only if it was kept against a
+        generation the target's data descends from; if not, nothing can be counted: refused."""
         res = self.res
         peer_gen = self.saved.get("peer_gen")
         basis = next((g for g in (mine.current, peer_gen) if g and g in theirs.history), None)
-        bits = P.receive_out_of_sync(conn, self.oos.nbytes)
         ours = self.oos.count()
         their = int.from_bytes(bits, "little").bit_count()
         policy = res.cfg.after_split_brain
@@ -258,9 +258,6 @@ class Link:
         text = (f"split brain with {self.name} settled by {policy}: its {their} changed chunks "
                 f"are discarded (this node changed {ours}); the union is resynced")
         res.split_brain(self.name, text, settled=True)  # its hook first: a failure refuses
-        self.oos.absorb_masked(bits)
-        self.oos.save()
-        log.warning("%s/%s: %d chunks to resync", res.name, self.name, self.oos.count())
 
     def _drop(self, why: str, quiet: bool = False) -> None:
         conn, self.conn = self.conn, None

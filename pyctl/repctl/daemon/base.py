@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import select
 import socket
 import threading
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("repctl.daemon")
 
 __all__ = ["MAX_PENDING_HANDSHAKES", "READ_PIECE", "SECTOR", "SEND_TIMEOUT_MS", "Listener",
-           "ResourceBase", "local_changes", "readable", "set_aside", "tune"]
+           "ResourceBase", "local_changes", "new_generation", "readable", "set_aside", "tune"]
 
 SECTOR = 512
 READ_PIECE = 16 << 20    # the most one read of a device or store asks for
@@ -44,6 +45,11 @@ class ResourceBase:
         self.secret = daemon.config.read_secret(cfg.name)
         self.state_dir = daemon.state_dir / cfg.name
         self.state_dir.mkdir(parents=True, exist_ok=True)
+
+
+def new_generation() -> int:
+    """A fresh data generation: random, never 0 ("no data")."""
+    return secrets.randbits(63) | 1
 
 
 def set_aside(path: Path) -> None:
@@ -147,7 +153,7 @@ def local_changes(state_dir: Path, meta: Path | None, peer: str, nr_chunks: int)
     got) ORed with the dirty bitmap on its metadata device (writes not yet known to be on every
     target). Where either cannot be read, every chunk: never less than the truth."""
     nbytes = -(-nr_chunks // 8)
-    full = int.from_bytes(b"\xff" * nbytes, "little") >> (nbytes * 8 - nr_chunks)
+    full = (1 << nr_chunks) - 1
     bits = 0
     try:
         oos = (state_dir / f"{peer}.oos").read_bytes()

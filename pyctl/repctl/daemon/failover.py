@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import stat
 from dataclasses import dataclass
@@ -20,15 +19,15 @@ from typing import Any
 from repctl import metadata
 from repctl import protocol as P
 from repctl.config import Resource
-from repctl.daemon.base import local_changes, set_aside, tune
+from repctl.daemon.base import local_changes, new_generation, set_aside, tune
 from repctl.daemon.state import Role
 from repctl.errors import HandshakeRefused, ReplError
 from repctl.statefile import StateError, atomic_write, load_json, save_json
 
 log = logging.getLogger("repctl.daemon")
 
-__all__ = ["Probe", "ProbeKind", "device_users", "load_role", "may_rejoin", "new_generation",
-           "probe", "save_role", "start_as_primary"]
+__all__ = ["Probe", "ProbeKind", "device_users", "load_role", "may_rejoin", "probe",
+           "save_role", "start_as_primary"]
 
 PROBE_TIMEOUT = 5.0  # seconds for one probe: connect and handshake
 
@@ -124,11 +123,6 @@ def start_as_primary(state_dir: Path, cfg: Resource, node: str, old: P.Generatio
     save_json(state_dir / "generation.json",
               {"current": new.current, "history": list(new.history), "md_uuid": md_uuid})
     return new
-
-
-def new_generation() -> int:
-    """A fresh data generation: random, never 0 ("no data")."""
-    return secrets.randbits(63) | 1
 
 
 def may_rejoin(state_dir: Path, cfg: Resource, node: str, mine: P.Generations,

@@ -15,6 +15,7 @@ from typing import Any
 from repctl import dm, metadata
 from repctl import protocol as P
 from repctl.config import Config, Fencing, MountAction, Resource, SplitBrainPolicy
+from repctl.daemon.base import new_generation
 from repctl.daemon.events import Events
 from repctl.daemon.failover import (
     Probe,
@@ -22,7 +23,6 @@ from repctl.daemon.failover import (
     device_users,
     load_role,
     may_rejoin,
-    new_generation,
     probe,
     save_role,
     start_as_primary,
@@ -371,11 +371,11 @@ class Daemon:
                 gens = P.Generations(0)
         # the primary resyncs only the union of both sides' changes if its data descends from
         # a generation of ours: we present the newest such one, our changes since reported
-        lineages = [(p.generations.current, *p.generations.history)
-                    for p in self._probe(cfg, gens).values()
-                    if p.kind is ProbeKind.PRIMARY and p.generations is not None]
+        primary = next((p.generations for p in self._probe(cfg, gens).values()
+                         if p.kind is ProbeKind.PRIMARY and p.generations is not None), None)
+        known = {primary.current, *primary.history} if primary is not None else set()
         mine = (gens.current, *gens.history)
-        common = next((i for i, g in enumerate(mine) if g and lineages and g in lineages[0]), None)
+        common = next((i for i, g in enumerate(mine) if g and g in known), None)
         if common is not None:
             gens = P.Generations(mine[common], mine[common + 1:])
         self._become_secondary(cfg, gens, "split brain resolved: this node's changes are "

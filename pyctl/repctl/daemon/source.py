@@ -18,7 +18,6 @@ import logging
 import mmap
 import os
 import queue
-import secrets
 import socket
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from repctl import dm, metadata
 from repctl import protocol as P
 from repctl.config import Resource, TargetMode
-from repctl.daemon.base import READ_PIECE, SECTOR, Listener, ResourceBase, tune
+from repctl.daemon.base import READ_PIECE, SECTOR, Listener, ResourceBase, new_generation, tune
 from repctl.daemon.link import RESYNC_RUN, Link
 from repctl.daemon.state import DiskState, Event, LinkState, Role
 from repctl.daemon.verify import VerifyProgress
@@ -110,7 +109,7 @@ class SourceResource(ResourceBase):
         starts (the old one goes to the history), and every target gets a full sync.
         """
         if "current" not in self.gen:
-            self.gen = {"current": secrets.randbits(63) | 1, "history": [], "md_uuid": md_uuid}
+            self.gen = {"current": new_generation(), "history": [], "md_uuid": md_uuid}
             save_json(self.gen_path, self.gen)
             return
         old = self.gen.get("md_uuid")
@@ -123,7 +122,7 @@ class SourceResource(ResourceBase):
             log.warning("%s: %s", self.name, text)
             self.events.emit(resource=self.name, what=Event.NEW_GENERATION, text=text)
             history = [int(self.gen["current"]), *self.gen.get("history", [])][:P.MAX_HISTORY]
-            self.gen = {"current": secrets.randbits(63) | 1, "history": history}
+            self.gen = {"current": new_generation(), "history": history}
             for link in self.links.values():
                 link.oos.set_all()
                 link.oos.save()

@@ -316,23 +316,34 @@ def test_failover_and_the_old_primary_returns_with_only_the_union(cleanup, loopd
     assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data["alpha"], SIZE)
 
 
-def test_split_brain_is_reported_and_changes_nothing_until_resolved(cleanup, loopdev):
-    """alpha writes while beta is disconnected, then goes down; beta is promoted and writes too.
-    alpha's `up` finds beta primary with changes of its own: a split brain, reported, the
-    resource stays down on alpha and no byte changes anywhere. `resolve --discard-local` on
-    alpha makes it beta's secondary and resyncs the union."""
-    c = Pair(cleanup, loopdev, actions=False)
+def _blocks(first: int, n: int) -> set[int]:
+    _writer("/dev/mapper/r0", threading.Event(), {}, first, n)
+    return set(range(first, first + n))
+
+
+def _apart(c: Pair, alpha_n: int) -> tuple[Daemon, set[int]]:
+    """beta in sync with alpha, then disconnected; alpha writes `alpha_n` blocks apart from it
+    and goes down; beta is promoted. Returns alpha's daemon and the blocks it wrote."""
     c.start("beta")
     alpha = c.start("alpha")
     c.wait_converged("beta streaming")
     alpha.disconnect("r0", "beta")
     wait_for(lambda: c.status("alpha")["targets"][0]["state"] == "disconnected", 30,
              "beta disconnected")
-    _writer("/dev/mapper/r0", threading.Event(), {}, 100, 50)
+    blocks = _blocks(100, alpha_n)
     alpha.down("r0")
-    beta = c.daemons["beta"]
-    beta.promote("r0")
-    _writer("/dev/mapper/r0", threading.Event(), {}, 3000, 50)
+    c.daemons["beta"].promote("r0")
+    return alpha, blocks
+
+
+def test_split_brain_is_reported_and_changes_nothing_until_resolved(cleanup, loopdev):
+    """alpha writes while beta is disconnected, then goes down; beta is promoted and writes too.
+    alpha's `up` finds beta primary with changes of its own: a split brain, reported, the
+    resource stays down on alpha and no byte changes anywhere. `resolve --discard-local` on
+    alpha makes it beta's secondary and resyncs the union."""
+    c = Pair(cleanup, loopdev, actions=False)
+    alpha, _ = _apart(c, 50)
+    _blocks(3000, 50)
     before = {n: sha256_of(c.data[n], SIZE) for n in ("alpha", "beta")}
     events = alpha.subscribe()
 
@@ -349,11 +360,6 @@ def test_split_brain_is_reported_and_changes_nothing_until_resolved(cleanup, loo
     c.wait_converged("alpha resynced after the resolution")
     assert c.bytes_sent() - sent_before <= 100 * CHUNK + (1 << 20)  # the union, not the device
     assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data["alpha"], SIZE)
-
-
-def _blocks(first: int, n: int) -> set[int]:
-    _writer("/dev/mapper/r0", threading.Event(), {}, first, n)
-    return set(range(first, first + n))
 
 
 def _sent_to(c: Pair, node: str) -> int:
@@ -374,16 +380,8 @@ def test_split_brain_policies(cleanup, loopdev, case, policy, alpha_n, beta_n, s
     exactly the union of both sides' changed chunks) or refuses, and then no byte changes on
     either side until `resolve --discard-local` on the victim."""
     c = Pair(cleanup, loopdev, actions=False, policy=policy)
-    c.start("beta")
-    alpha = c.start("alpha")
-    c.wait_converged("beta streaming")
-    alpha.disconnect("r0", "beta")
-    wait_for(lambda: c.status("alpha")["targets"][0]["state"] == "disconnected", 30,
-             "beta disconnected")
-    alpha_blocks = _blocks(100, alpha_n)
-    alpha.down("r0")
+    alpha, alpha_blocks = _apart(c, alpha_n)
     beta = c.daemons["beta"]
-    beta.promote("r0")
     beta_blocks = _blocks(3000, beta_n)
     if case == "demoted":
         beta.demote("r0")

@@ -185,6 +185,20 @@ def format_metadata(path: str | Path, data_sectors: int,
     return sb
 
 
+def clear_bitmap(path: str | Path) -> None:
+    """Zero the on-disk dirty bitmap of formatted metadata that no device is using, durably.
+    The superblock stays as it is."""
+    sb = read_superblock(path)
+    if sb is None:
+        raise MetadataError(f"{path}: not formatted")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(-(-sb.nr_chunks // 8)), BLOCK * uapi.REPL_BITMAP_START_BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_bitmap(path: str | Path) -> tuple[Superblock, bytes]:
     """Return the superblock and the on-disk bitmap bytes (nr_chunks bits)."""
     sb = read_superblock(path)

@@ -180,6 +180,23 @@ def test_a_promoted_node_starts_from_a_new_generation_and_known_bitmaps(tmp_path
     assert json.loads((folder / "alpha.json").read_text())["peer_gen"] == 7
 
 
+@pytest.mark.parametrize("own_changes", [True, False])
+def test_a_promoted_node_clears_a_dirty_bitmap_a_resync_made_stale(tmp_path: Path,
+                                                                    own_changes: bool) -> None:
+    """Bits from writes as an earlier primary, overwritten since by a resync from the primary
+    it followed, would be resent at every later resync: cleared. Its own changes are kept."""
+    cfg = write_config(tmp_path).resource("r0")
+    meta = _meta(tmp_path, [3, 700])  # the path write_config gives the metadata
+    assert str(cfg.nodes["alpha"].metadata) == str(meta)
+    folder = tmp_path / "st"
+    folder.mkdir()
+    start_as_primary(folder, cfg, "alpha", P.Generations(7), "beta", "u",
+                     own_changes=own_changes)
+    sb, dirty = metadata.read_bitmap(meta)
+    assert dirty == (_bits([3, 700]) if own_changes else bytes(NR // 8))
+    assert sb.nr_chunks == NR  # the superblock is untouched
+
+
 def test_a_promoted_node_knows_nothing_of_a_peer_it_did_not_sync_from(tmp_path: Path) -> None:
     cfg = write_config(tmp_path).resource("r0")
     folder = tmp_path / "st"

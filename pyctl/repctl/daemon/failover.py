@@ -104,13 +104,21 @@ def probe(cfg: Resource, node: str, peer: str, secret: bytes, local: P.Handshake
 
 
 def start_as_primary(state_dir: Path, cfg: Resource, node: str, old: P.Generations,
-                     last_primary: str | None, md_uuid: str) -> P.Generations:
+                     last_primary: str | None, md_uuid: str, *,
+                     own_changes: bool = True) -> P.Generations:
     """What a promoted node starts from, written before its device exists: a new data
     generation descended from the one it holds, and per peer an out-of-sync bitmap with the
     generation it is kept against. The node it was syncing from (`last_primary`) differs from
     it only by that node's own changes, which it reports when it connects (OUT_OF_SYNC): an empty
     bitmap. Any other peer may lack anything: a full bitmap, resynced by checksums since it holds
-    data of ours (Link._take_report; docs/failover.md)."""
+    data of ours (Link._take_report; docs/failover.md).
+
+    Without `own_changes` (a resync from its primary overwrote whatever this node wrote as an
+    earlier primary) the dirty bitmap on its metadata speaks of writes no peer lacks any more:
+    it is cleared, or every later resync would send those chunks again."""
+    meta = cfg.nodes[node].metadata
+    if not own_changes and meta is not None:
+        metadata.clear_bitmap(meta)
     history = ([old.current] if old.current else []) + list(old.history)
     new = P.Generations(new_generation(), tuple(history[:P.MAX_HISTORY]))
     nr_chunks = -(-metadata.device_bytes(str(cfg.nodes[node].device)) // cfg.chunk_size)

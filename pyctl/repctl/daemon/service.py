@@ -271,7 +271,8 @@ class Daemon:
         old, last = res.generations(), res.saved.get("source")
         res.stop()
         del self.resources[resource]
-        start_as_primary(self.state_dir / resource, cfg, self.node, old, last, sb.uuid)
+        start_as_primary(self.state_dir / resource, cfg, self.node, old, last, sb.uuid,
+                         own_changes=bool(res.saved.get("local_changes")))
         save_role(self.state_dir / resource, Role.PRIMARY)
         self.events.emit(resource=resource, what=Event.ROLE, old=Role.SECONDARY, new=Role.PRIMARY,
                          text="promoted" + (" by force" if force else ""))

@@ -26,7 +26,7 @@ RESULTS := build/test-results
 .DEFAULT_GOAL := help
 # `make test` runs the host tier first, then the VM tier, also under -j.
 .NOTPARALLEL:
-.PHONY: help deps venv module test test-host test-vm demo bench clean
+.PHONY: help deps venv module test test-host test-vm powercut soak demo bench clean
 
 help:
 	@echo 'Targets:'
@@ -38,6 +38,9 @@ help:
 	@echo '  make test-vm    VM tier: boots the kernel under QEMU, loads dm-repl.ko, pytest tests/vm,'
 	@echo '                  then the crash test (two more boots; VMARGS="--no-crash" skips it)'
 	@echo '                  one test: make test-vm VMARGS="-- -k test_name tests/vm/test_x.py"'
+	@echo '  make powercut   two VMs; the primary'"'"'s power is cut CUTS=3 times (sync and async'
+	@echo '                  resources), acknowledged writes checked on the survivor'
+	@echo '  make soak       make powercut with CUTS=20; prints the tally'
 	@echo '  make demo       boot the VM and run the demo'
 	@echo '  make bench      boot the VM (4G) and run bench/run.sh'
 	@echo '  make clean      remove build products (keeps .venv)'
@@ -61,9 +64,9 @@ module: | deps
 	fi
 	$(MAKE) -C $(KDIR) M=$(CURDIR)/kmod modules
 
-test: test-host test-vm
+test: test-host test-vm powercut
 	@$(VPY) tests/vmrun.py --report $(RESULTS)/host-junit.xml build/vm-results/junit.xml \
-		build/vm-results/crash/boot2/junit.xml
+		build/vm-results/crash/boot2/junit.xml build/powercut-results/junit.xml
 
 test-host: venv
 	@mkdir -p $(RESULTS)
@@ -82,6 +85,18 @@ endef
 
 test-vm: venv
 	$(call vm_run,)
+
+# The power-cut test (tests/powercut.py): its own two VMs, so its own runner; the same
+# preflight (skip where the VM cannot boot, fail under CI=true).
+CUTS ?= 3
+powercut: venv
+	@rc=0; $(VPY) tests/powercut.py --preflight || rc=$$?; \
+	if [ $$rc -eq 77 ]; then echo "$@: SKIPPED (see the reason above)"; exit 0; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	$(MAKE) --no-print-directory module && $(VPY) tests/powercut.py --cuts $(CUTS)
+
+soak:
+	@$(MAKE) --no-print-directory powercut CUTS=20
 
 demo: venv
 	$(call vm_run,--demo)

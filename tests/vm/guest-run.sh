@@ -12,6 +12,9 @@
 #                                                    the guest (sysrq b) mid-workload
 #   guest-run.sh crash-check RESULTS [-- PYTEST-ARGS...]  crash test, boot 2: load modules,
 #                                                    pytest tests/vm/crash_check.py, unload
+#   guest-run.sh node RESULTS -- COMMAND [ARGS...]   one guest of several (tests/vmpair.py):
+#                                                    load modules, bring up the link to the
+#                                                    other guests, run COMMAND, unload
 #
 # RESULTS is a folder shared writable with the host. What lands there:
 #   console output is captured by the host (console.log); here we write
@@ -77,6 +80,26 @@ load_modules() {
     grep -q '^dm_repl ' /proc/modules
 }
 
+# tests/vmpair.py puts repctl_node=N on the command line of each guest of a pair and gives it
+# one NIC on their shared link: the NIC gets 10.79.0.N/24.
+setup_link() {
+    local n nic="" d
+    n=$(sed -n 's/.*repctl_node=\([0-9]\+\).*/\1/p' /proc/cmdline)
+    if [ -z "$n" ]; then
+        say "node mode without repctl_node=N on the kernel command line"
+        return 1
+    fi
+    for d in /sys/class/net/*; do
+        [ "${d##*/}" = lo ] || nic=${d##*/}
+    done
+    if [ -z "$nic" ]; then
+        say "no NIC for the link to the other guests"
+        return 1
+    fi
+    ip link set lo up && ip addr add "10.79.0.$n/24" dev "$nic" && ip link set "$nic" up || return 1
+    say "link: $nic 10.79.0.$n/24"
+}
+
 if [ "$mode" = setup ]; then
     load_modules || exit 1
     say "modules loaded. VM tests from this shell:"
@@ -130,6 +153,15 @@ else
         rc=$?
         say "crash_workload.py returned (exit $rc) instead of resetting the guest"
         [ "$rc" -ne 0 ] || rc=1
+        ;;
+    node)
+        if setup_link; then
+            say "node: $*"
+            "$@"
+            rc=$?
+        else
+            rc=1
+        fi
         ;;
     crash-check)
         say "pytest tests/vm/crash_check.py $*"

@@ -12,6 +12,8 @@
 #                                dm-linear (ram0-ram3), docs/benchmarks-replication.md
 #   bench/frame_bench.py         the per-frame MAC against crc-only frames over a socketpair
 #                                (with --replicate-only too)
+#   bench/cli_bench.py           how long repctl takes to start (--help, status) (with
+#                                --replicate-only too), docs/benchmarks.md "CLI start"
 # A first argument --target-only or --replicate-only runs one of the two.
 #
 # Exit status: non-zero when something failed (a device, fio, the consumer). A missed
@@ -69,6 +71,7 @@ if [ "$which" != target ]; then
     mkdir -p "$results"
     "$py" bench/replicate_bench.py --results "$results" || rc=$?
     "$py" bench/frame_bench.py || rc=$?
+    "$py" bench/cli_bench.py --runs 10 || rc=$?
 fi
 
 # Free the RAM disks (the devices on them are gone); not being able to is not a failure.

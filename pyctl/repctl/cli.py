@@ -5,6 +5,12 @@ Commands that act on a running resource ask the node daemon over the control soc
 Every domain error (`ReplError`) is caught here, at the edge, and becomes one line
 ``repctl: error: <text>`` on stderr and exit status 1. Usage errors exit 2 (typer's own).
 docs/cli.md documents every command and its exit statuses.
+
+Start time matters: the OCF agent runs ``repctl status --json`` at every monitor, and in the
+emulated test VM every import costs many times what it does on the host. So what one command
+alone uses is imported in that command: ``repctl status --json`` loads typer, the configuration
+and the control client, and neither rich, the metadata code (cffi) nor the daemon.
+docs/benchmarks.md, "CLI start", has the figures.
 """
 
 from __future__ import annotations
@@ -12,25 +18,23 @@ from __future__ import annotations
 import functools
 import json as jsonlib
 import logging
-import os
 import signal
-import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from repctl import follow, metadata, render
+from repctl import follow, render
 from repctl.config import DEFAULT_CONFIG_PATH, Config, load_config
-from repctl.control import ControlClient, ControlServer
-from repctl.errors import ConfigError, ReplError
+from repctl.control import ControlClient
+from repctl.errors import ReplError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -141,123 +145,6 @@ def version() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MetadataPlan:
-    """What `create-md` would write, and what the metadata device holds now."""
-
-    resource: str
-    node: str
-    device: str  # the data device
-    metadata: str  # the metadata device
-    data_bytes: int
-    chunk_bytes: int
-    nr_chunks: int
-    bitmap_blocks: int
-    need_bytes: int  # metadata the data needs
-    have_bytes: int  # size of the metadata device
-    existing: str | None  # what the metadata device holds now; None when all zero
-
-
-def plan_metadata(config: Config, resource: str, node: str | None = None) -> MetadataPlan:
-    """Check that `node`'s (default: this host's) metadata device of `resource` can be formatted
-    and say what formatting writes. ReplError if the node has no metadata device, a device is
-    missing or in use, or the metadata device is too small."""
-    res = config.resource(resource)
-    if node is None:
-        me = config.local_node(resource)
-    elif node in res.nodes:
-        me = res.nodes[node]
-    else:
-        raise ConfigError(
-            config.file, f"resources.{resource}.nodes", f"a node named {node!r}",
-            ", ".join(res.nodes) or "none",
-        )
-    key = f"resources.{resource}.nodes.{me.name}"
-    if me.metadata is None:
-        raise ConfigError(
-            config.file, f"{key}.metadata", "a metadata device to format",
-            f"none (node {me.name} can only be a target of {resource})",
-        )
-    if Path("/dev/mapper", resource).exists():
-        raise ReplError(
-            f"resource {resource} is active (/dev/mapper/{resource} exists); "
-            f"stop it first: repctl down {resource}"
-        )
-    data_bytes = _size_of(me.device, "data device", f"{key}.device")
-    have = _size_of(me.metadata, "metadata device", f"{key}.metadata")
-    _refuse_busy(me.metadata)
-    chunk_sectors = res.chunk_size // 512
-    data_sectors = data_bytes // 512
-    if data_sectors == 0:
-        raise metadata.MetadataError(f"{me.device}: the data device is empty")
-    nr_chunks, bitmap_blocks = metadata.geometry(data_sectors, chunk_sectors)
-    need = metadata.metadata_bytes(data_sectors, chunk_sectors)
-    if have < need:
-        raise metadata.MetadataError(
-            f"{me.metadata}: the metadata device holds {render.human_bytes(have)} ({have} bytes), "
-            f"needs {render.human_bytes(need)} ({need} bytes) for "
-            f"{render.human_bytes(data_bytes)} of data in {render.human_bytes(res.chunk_size)} "
-            "chunks"
-        )
-    try:
-        sb = metadata.read_superblock(me.metadata)
-        existing = f"dm-repl metadata (uuid {sb.uuid})" if sb else None
-    except metadata.MetadataError:
-        existing = "data that is not dm-repl metadata"
-    return MetadataPlan(
-        resource=resource, node=me.name, device=str(me.device), metadata=str(me.metadata),
-        data_bytes=data_bytes, chunk_bytes=res.chunk_size, nr_chunks=nr_chunks,
-        bitmap_blocks=bitmap_blocks, need_bytes=need, have_bytes=have, existing=existing,
-    )
-
-
-def _size_of(path: Path, what: str, key: str) -> int:
-    try:
-        return metadata.device_bytes(path)
-    except OSError as exc:
-        raise metadata.MetadataError(
-            f"{path}: cannot open the {what} ({key}): {exc.strerror or exc}"
-        ) from None
-
-
-def _refuse_busy(path: Path) -> None:
-    """A block device that someone holds open exclusively (a dm table, a mount) is refused."""
-    try:
-        if not stat.S_ISBLK(os.stat(path).st_mode):
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_EXCL)
-    except OSError as exc:
-        raise metadata.MetadataError(f"{path}: in use ({exc.strerror or exc})") from None
-    os.close(fd)
-
-
-def create_metadata(
-    plan: MetadataPlan, *, force: bool = False, all_dirty: bool = False
-) -> metadata.Superblock:
-    """Format the metadata device of `plan`. Refuses a device that holds anything unless `force`."""
-    if plan.existing and not force:
-        raise metadata.MetadataError(
-            f"{plan.metadata}: already holds {plan.existing}; use --force to overwrite it"
-        )
-    return metadata.format_metadata(
-        plan.metadata, plan.data_bytes // 512, plan.chunk_bytes // 512,
-        all_dirty=all_dirty, force=force,
-    )
-
-
-def _describe_plan(plan: MetadataPlan, all_dirty: bool) -> list[str]:
-    bitmap = plan.bitmap_blocks * metadata.BLOCK
-    return [
-        f"  data      {plan.device}, {render.human_bytes(plan.data_bytes)} "
-        f"({plan.data_bytes} bytes)",
-        f"  chunks    {plan.nr_chunks} of {render.human_bytes(plan.chunk_bytes)}, "
-        + ("all marked dirty (a first sync copies everything)" if all_dirty else "all clean"),
-        f"  bitmap    {plan.bitmap_blocks} blocks ({render.human_bytes(bitmap)}); "
-        f"metadata uses {render.human_bytes(plan.need_bytes)} of "
-        f"{render.human_bytes(plan.have_bytes)}",
-    ]
-
-
 @app.command("create-md")
 @edge
 def create_md(
@@ -283,6 +170,9 @@ def create_md(
     Refuses a metadata device that is missing, too small, in use, or already formatted
     (unless --force).
     """
+    from repctl import metadata  # only create-md needs it: cffi is slow to import (start time)
+    from repctl.mdplan import create_metadata, describe_plan, plan_metadata
+
     plan = plan_metadata(_session(ctx).config(), resource, node)
     if dry_run:
         if plan.existing and not force:
@@ -295,7 +185,7 @@ def create_md(
         typer.echo(f"would format {plan.metadata} for {plan.resource} on {plan.node}")
         if plan.existing:
             typer.echo(f"  replacing {plan.existing}")
-        for line in _describe_plan(plan, all_dirty):
+        for line in describe_plan(plan, all_dirty):
             typer.echo(line)
         return
     sb = create_metadata(plan, force=force, all_dirty=all_dirty)
@@ -307,7 +197,7 @@ def create_md(
     if plan.existing:
         typer.echo(f"  replaced  {plan.existing}")
     typer.echo(f"  uuid      {sb.uuid}")
-    for line in _describe_plan(plan, all_dirty):
+    for line in describe_plan(plan, all_dirty):
         typer.echo(line)
 
 
@@ -354,6 +244,7 @@ def daemon(
         from repctl.daemon import Daemon
     except ImportError as exc:
         raise ReplError(f"the node daemon cannot be loaded: {exc}") from None
+    from repctl.control import ControlServer  # only the daemon serves (start time)
 
     stop = threading.Event()
 
@@ -621,7 +512,7 @@ def _verify_call(session: Session, resource: str, target: str) -> Any:
             return call()
         show({name: render.Bar(0, None, "starting")})
 
-        def draw(st: dict[str, Any]) -> None:
+        def draw(st: Mapping[str, Any]) -> None:
             t = follow.find_target(st, resource, target)
             if t is not None and isinstance(t.get("verify"), dict):
                 show({name: render.verify_bar(t["verify"])})

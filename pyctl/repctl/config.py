@@ -23,11 +23,12 @@ from enum import StrEnum
 from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from repctl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/repctl/repctl.yaml")
 
@@ -337,6 +338,8 @@ class Config:
 
     def dump(self) -> str:
         """The configuration as YAML text (see `to_dict`)."""
+        import yaml  # here, not at the top: the CLI imports this module for its paths (start time)
+
         text: str = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
         return text
 
@@ -379,6 +382,8 @@ def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> Config:
 
 def parse_config(text: str, file: str = "<string>") -> Config:
     """Validate configuration `text`; `file` is the name that error messages give."""
+    import yaml  # start time, as in `Config.dump`
+
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
@@ -1069,6 +1074,8 @@ class _Validator:
 
 def _line_map(file: str, root: yaml.Node) -> dict[tuple[str, ...], int]:
     """Line (1-based) of each key path of the YAML node tree; refuses duplicate keys."""
+    import yaml  # start time, as in `Config.dump`
+
     lines: dict[tuple[str, ...], int] = {(): root.start_mark.line + 1}
     stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
     seen: set[int] = set()

@@ -2,24 +2,29 @@
 
 Everything here is a pure function of plain data (the daemon's status dict, a verify result, an
 event) to text or rich renderables, so tests compare strings and the CLI stays thin.
+
+rich is imported by the functions that draw, not here: `print_json`, `human_bytes` and
+`event_line` (``repctl status --json``, ``repctl events``) do without it, and importing rich
+costs more than the rest of a short command (docs/benchmarks.md, "CLI start").
 """
 
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, Literal
 
 from repctl.daemon.state import LinkState, Role
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.table import Table
+    from rich.text import Text
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -80,7 +85,7 @@ def human_rate(bps: object) -> str:
 
 def human_duration(seconds: object) -> str:
     """``42s``, ``5m03s``, ``2h07m``, ``3d04h``; ``-`` for a missing value."""
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds != seconds:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or math.isnan(seconds):
         return MISSING
     s = max(int(seconds + 0.5), 0)
     if s < 60:
@@ -110,6 +115,8 @@ class Column:
 def console(*, stderr: bool = False) -> Console:
     """A console on stdout (or stderr). Not a terminal and no COLUMNS: wide, so that a pipe or a
     log gets whole lines rather than wrapped cells."""
+    from rich.console import Console  # here, not at the top: start time (module docstring)
+
     con = Console(stderr=stderr, highlight=False)
     if not con.is_terminal and "COLUMNS" not in os.environ:
         con = Console(stderr=stderr, highlight=False, width=200)
@@ -118,6 +125,8 @@ def console(*, stderr: bool = False) -> Console:
 
 def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[Column]) -> Table:
     """A rich table of `rows` (dicts keyed by the columns' keys), no borders."""
+    from rich.table import Table  # start time
+
     out = Table(header_style="bold", box=None, pad_edge=False)
     for col in columns:
         out.add_column(col.header, justify=col.justify, no_wrap=True)
@@ -161,6 +170,8 @@ def print_table(
 
 
 def state_text(state: object) -> Text:
+    from rich.text import Text  # start time
+
     if state is None:
         return Text(MISSING)
     return Text(str(state), style=STATE_STYLES.get(str(state), ""))
@@ -303,6 +314,9 @@ def status_details(status: Mapping[str, Any]) -> list[str]:
 
 def status_view(status: Mapping[str, Any]) -> RenderableType:
     """The whole `repctl status` screen: the table, then the detail lines."""
+    from rich.console import Group  # start time
+    from rich.text import Text
+
     node = status.get("node")
     rows = status_rows(status)
     title = f"repctl on {node}" if node else None
@@ -399,6 +413,10 @@ class _ProgressView:
         self.bars = bars
 
     def __rich_console__(self, con: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.progress_bar import ProgressBar  # start time
+        from rich.table import Table
+        from rich.text import Text
+
         name_w = max((len(n) for n in self.bars), default=0)
         percent_w = 6
         details = max((len(b.detail) for b in self.bars.values()), default=0)

@@ -54,7 +54,9 @@ mkdir -p "$results"
 export REPCTL_IN_VM=1
 export REPCTL_REPO="$repo"
 export REPCTL_VM_RESULTS="$results"
-export PYTHONDONTWRITEBYTECODE=1
+# The repository is read-only here: compiled modules go to the guest's /tmp, so that each
+# Python program (every repctl command, each daemon) does not compile them again.
+export PYTHONPYCACHEPREFIX=/tmp/repctl-pycache
 export PATH="$repo/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 ko=kmod/dm-repl.ko
@@ -103,7 +105,7 @@ setup_link() {
 if [ "$mode" = setup ]; then
     load_modules || exit 1
     say "modules loaded. VM tests from this shell:"
-    say "  REPCTL_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m pytest -p no:cacheprovider tests/vm -k ..."
+    say "  REPCTL_IN_VM=1 PYTHONPYCACHEPREFIX=/tmp/repctl-pycache .venv/bin/python -m pytest -p no:cacheprovider tests/vm -k ..."
     exit 0
 fi
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import json
-import re
 import os
 import queue
+import re
 import shutil
 import signal
 import sys

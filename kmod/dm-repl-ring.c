@@ -19,6 +19,7 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/vmalloc.h>
+#include <linux/version.h>
 #include <linux/bitmap.h>
 #include <linux/sched/signal.h>
 
@@ -568,7 +569,11 @@ static int repl_mmap(struct file *file, struct vm_area_struct *vma)
 	r = -EPERM;
 	if (vma->vm_flags & VM_WRITE)
 		goto out;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_clear(vma, VM_MAYWRITE);	/* vm_flags is read-only since 6.3 */
+#else
 	vma->vm_flags &= ~VM_MAYWRITE;
+#endif
 	/* the file (and so rc) stays referenced as long as the mapping */
 	r = remap_vmalloc_range(vma, rc->ring, vma->vm_pgoff);
 out:
@@ -584,7 +589,7 @@ static const struct file_operations repl_fops = {
 	.compat_ioctl = compat_ptr_ioctl,
 	.poll = repl_poll,
 	.mmap = repl_mmap,
-	.llseek = no_llseek,
+	/* no .llseek: lseek fails with ESPIPE (no_llseek is gone in 6.12) */
 };
 
 static struct miscdevice repl_misc = {

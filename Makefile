@@ -41,6 +41,10 @@ help:
 	@echo '  make powercut   two VMs; the primary'"'"'s power is cut CUTS=3 times (sync and async'
 	@echo '                  resources), acknowledged writes checked on the survivor'
 	@echo '  make soak       make powercut with CUTS=20; prints the tally'
+	@echo '  make vagrant-box   not in CI: build the Vagrant box repctl/debian12 from Debian packages'
+	@echo '                  (debootstrap; as root) and add it to Vagrant (vagrant/build-box.sh)'
+	@echo '  make test-vagrant  not in CI: alpha, beta, gamma under Vagrant + libvirt (QEMU), the'
+	@echo '                  switchover, failover and split-brain tests (tests/cluster; docs/vagrant.md)'
 	@echo '  make demo       boot the VM and run the demo'
 	@echo '  make bench      boot the VM (4G) and run bench/run.sh'
 	@echo '  make clean      remove build products (keeps .venv)'
@@ -97,6 +101,22 @@ powercut: venv
 
 soak:
 	@$(MAKE) --no-print-directory powercut CUTS=20
+
+# Not part of `make test` or CI: the three-node Vagrant cluster (vagrant/, docs/vagrant.md).
+# vagrant/install-deps installs Vagrant, vagrant-libvirt, libvirt and python-vagrant (as root);
+# host-setup starts libvirtd and prepares the storage pool and the guests' wheelhouse. Without
+# them the tests skip, with the reason. VAGRANT_DRIVER=kvm where KVM works.
+.PHONY: vagrant-box test-vagrant
+VAGRANT_DRIVER ?= qemu
+vagrant-box:
+	@vagrant/install-deps
+	vagrant/build-box.sh
+
+test-vagrant: venv
+	@vagrant/install-deps
+	@vagrant/host-setup || echo "$@: host-setup failed: the cluster tests will skip (reason below)"
+	REPCTL_VAGRANT=1 REPCTL_VAGRANT_DRIVER=$(VAGRANT_DRIVER) $(VPY) -m pytest tests/cluster -v -rs \
+		-s --junitxml=$(RESULTS)/vagrant-junit.xml
 
 demo: venv
 	$(call vm_run,--demo)

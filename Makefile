@@ -26,7 +26,7 @@ RESULTS := build/test-results
 .DEFAULT_GOAL := help
 # `make test` runs the host tier first, then the VM tier, also under -j.
 .NOTPARALLEL:
-.PHONY: help deps venv module test test-host test-vm powercut soak demo bench clean
+.PHONY: help deps venv module test test-host test-vm test-cluster powercut soak demo bench clean
 
 help:
 	@echo 'Targets:'
@@ -41,6 +41,8 @@ help:
 	@echo '  make powercut   two VMs; the primary'"'"'s power is cut CUTS=3 times (sync and async'
 	@echo '                  resources), acknowledged writes checked on the survivor'
 	@echo '  make soak       make powercut with CUTS=20; prints the tally'
+	@echo '  make test-cluster  not in CI: Corosync + Pacemaker in two guests, power cut of the'
+	@echo '                  primary, failover and return (tests/pcmk/run.py; installs pacemaker)'
 	@echo '  make vagrant-box   not in CI: build the Vagrant box repctl/debian12 from Debian packages'
 	@echo '                  (debootstrap; as root) and add it to Vagrant (vagrant/build-box.sh)'
 	@echo '  make test-vagrant  not in CI: alpha, beta, gamma under Vagrant + libvirt (QEMU), the'
@@ -101,6 +103,15 @@ powercut: venv
 
 soak:
 	@$(MAKE) --no-print-directory powercut CUTS=20
+
+# Not part of `make test` or CI: a real two-node Corosync + Pacemaker cluster in two guests
+# (tests/pcmk/run.py, docs/testing.md). Installs the cluster packages first (as root).
+test-cluster: venv
+	@.ci/install-deps cluster
+	@$(MAKE) --no-print-directory module
+	@rc=0; $(VPY) tests/pcmk/run.py || rc=$$?; \
+	if [ $$rc -eq 77 ]; then echo "$@: SKIPPED (see the reason above)"; exit 0; fi; \
+	exit $$rc
 
 # Not part of `make test` or CI: the three-node Vagrant cluster (vagrant/, docs/vagrant.md).
 # vagrant/install-deps installs Vagrant, vagrant-libvirt, libvirt and python-vagrant (as root);

@@ -126,13 +126,6 @@ def acked(lines: list[str]) -> dict[str, int]:
     return {r: n + 1 for r, n in top.items()}
 
 
-def union_chunks(*hexes: str) -> int:
-    bits = 0
-    for h in hexes:
-        bits |= int.from_bytes(bytes.fromhex(h), "little")
-    return bits.bit_count()
-
-
 def check_cut(p: Pair, survivor: str, k: int, acks: dict[str, int], promoted: dict) -> list[str]:
     """What the survivor holds after cut k, before anything resyncs."""
     problems = []
@@ -179,7 +172,7 @@ def check_resync(rejoin: dict, promoted: dict, resynced: dict, nr: int,
         problems.append(f"r0: the cut primary's changes hold chunks it did not write in its "
                         f"last round: {sorted(theirs - set(range(acks['r0'] + 1)))[:10]}")
     for r in ("r0", "r1"):
-        union[r] = union_chunks(rejoin[r], promoted["changes"][r])
+        union[r] = len(chunks(rejoin[r]) | chunks(promoted["changes"][r]))
         if resynced[r] != union[r] * CHUNK:
             problems.append(f"{r}: the resync sent {resynced[r]} bytes; the union of both sides' "
                             f"changes is {union[r]} chunks ({union[r] * CHUNK} bytes)")

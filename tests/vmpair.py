@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -39,7 +38,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vmrun
 
-GUEST_NET = "10.79.0.{}"
 SERIAL = "repctl-{}"  # disk serials: at most 20 bytes
 
 
@@ -74,7 +72,7 @@ class Guest:
     """One guest of the pair: booted by start(), waited for by wait(), killed by kill()."""
 
     name: str
-    index: int                      # 1, 2, ...: its address is GUEST_NET.format(index)
+    index: int                      # 1, 2, ...: its address is 10.79.0.INDEX
     results: Path                   # shared writable with the guest
     disks: dict[str, Path]          # role -> image; serial SERIAL.format(role)
     ports: tuple[int, int]          # (mine, peer) UDP ports of the link on the host
@@ -196,7 +194,3 @@ def pair(root: Path, names: tuple[str, ...], disks: dict[str, dict[str, Path]],
     ports = {names[0]: (p1, p2), names[1]: (p2, p1)}
     return {n: Guest(n, i, root / n, disks[n], ports[n], memory=memory)
             for i, n in enumerate(names, start=1)}
-
-
-def quote(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)

@@ -41,8 +41,7 @@ from pathlib import Path
 from repctl import dm, metadata
 from repctl.ring import Consumer
 from repctl.store import open_store
-
-from replfix import SECTOR, ReplDev, repl_table
+from replfix import SECTOR, ReplDev, find_disk, repl_table
 
 DEV_NAME = "crash0"
 CHUNK_SECTORS = 8            # 4 KiB chunks, the default
@@ -54,17 +53,6 @@ FIO_RUNTIME = 60             # seconds; far longer than the crash delay: the res
 
 def say(msg: str) -> None:
     print(f"== crash-write: {msg}", flush=True)
-
-
-def find_disk(serial: str) -> str:
-    """/dev/vdX of the virtio-blk disk with this serial (the host sets it with -device serial=)."""
-    for block in sorted(Path("/sys/block").iterdir()):
-        try:
-            if (block / "serial").read_text().strip() == serial:
-                return f"/dev/{block.name}"
-        except OSError:
-            continue
-    raise FileNotFoundError(f"no disk with serial {serial!r} in /sys/block")
 
 
 def read_plan(results: Path) -> dict:

@@ -51,6 +51,7 @@ from pathlib import Path
 from repctl import metadata
 from repctl.control import ControlClient
 from repctl.daemon.base import local_changes
+from replfix import find_disk
 
 REPO = Path(__file__).resolve().parents[2]
 REPCTL = str(REPO / ".venv" / "bin" / "repctl")
@@ -90,16 +91,6 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.5):
                 return last
         time.sleep(interval)
     raise RuntimeError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-
-
-def find_disk(serial: str) -> str:
-    for block in sorted(Path("/sys/block").iterdir()):
-        try:
-            if (block / "serial").read_text().strip() == serial:
-                return f"/dev/{block.name}"
-        except OSError:
-            continue
-    raise FileNotFoundError(f"no disk with serial {serial!r}")
 
 
 def block(seed: int, tag: str, i: int) -> bytes:

@@ -6,6 +6,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from repctl import dm, metadata
 from repctl.ring import Consumer
@@ -151,3 +152,14 @@ class Replayer(threading.Thread):
             self.store.close()
         if self.error:
             raise self.error
+
+
+def find_disk(serial: str) -> str:
+    """/dev/vdX of the virtio-blk disk with this serial (the host sets it with -device serial=)."""
+    for block in sorted(Path("/sys/block").iterdir()):
+        try:
+            if (block / "serial").read_text().strip() == serial:
+                return f"/dev/{block.name}"
+        except OSError:
+            continue
+    raise FileNotFoundError(f"no disk with serial {serial!r} in /sys/block")

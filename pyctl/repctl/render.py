@@ -255,7 +255,7 @@ def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
 _KNOWN_RES = {"name", "role", "disk", "device", "kernel", "targets", "source", "connection",
               "state", "consistent", "bytes_received", "last_error", "size"}
 _KNOWN_TARGET = {"name", "mode", "state", "connection", "address", "out_of_sync_bytes",
-                 "bytes_sent", "lag_bytes", "lag_records", "sync", "last_error", "admin", "verify"}
+                 "bytes_sent", "resync_bytes", "lag_bytes", "lag_records", "sync", "last_error", "admin", "verify"}
 
 
 def _extra(d: Mapping[str, Any], known: set[str]) -> list[str]:

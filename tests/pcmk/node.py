@@ -224,7 +224,7 @@ class Node:
         else:
             say(f"CHECK ok {len(acked)} acknowledged blocks all here")
         st = self.status() or {}
-        sent = {t["name"]: t["bytes_sent"] for t in st.get("targets", [])}
+        sent = {t["name"]: t["resync_bytes"] for t in st.get("targets", [])}
         first, count = self.plan["own_blocks"]
         buf = mmap.mmap(-1, BLOCK)
         fd = os.open(DEVICE, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
@@ -233,7 +233,7 @@ class Node:
             os.pwrite(fd, buf, i * BLOCK)
         os.close(fd)
         self.sent_before = sent.get(self.peer, 0)
-        say(f"WROTE {count} blocks from {first}; bytes_sent to {self.peer} {self.sent_before}")
+        say(f"WROTE {count} blocks from {first}; resync_bytes to {self.peer} {self.sent_before}")
 
     def run(self) -> int:
         boot = self.plan["boot"]
@@ -280,8 +280,8 @@ class Node:
                 synced = True
                 t = next(t for t in st["targets"] if t["name"] == self.peer)
                 self.snapshot("synced")
-                say(f"SYNCED {self.peer}: resync bytes_sent "
-                    f"{t['bytes_sent'] - self.sent_before} (status: {t})")
+                say(f"SYNCED {self.peer}: resync_bytes "
+                    f"{t['resync_bytes'] - self.sent_before} (status: {t})")
             if boot > 1 and rejoined and st.get("disk") == "UpToDate" and not synced:
                 synced = True
                 say(f"UPTODATE {self.name} again")

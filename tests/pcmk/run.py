@@ -20,7 +20,7 @@
    what differs.
 5. Both stop (Pacemaker stops the clone), power off; the host compares the two data images
    byte for byte, checks every acknowledged block in them, and that the resync sent far less
-   than a full sync (the daemon's targets[].bytes_sent), at least every chunk that differed.
+   than a full sync (the daemon's targets[].resync_bytes), at least every chunk that differed.
 
 The machine's CPUs are shared: before each boot it waits, polling every 20 s, while two or more
 QEMU guests run (its own included), and prints how long it waited.
@@ -200,7 +200,7 @@ def scenario(guests: dict[str, vmpair.Guest], rng: random.Random, times: dict[st
         problems.append(f"{primary.name} came back as {m.group(1)}, not the secondary")
     expect(primary, r"^PCMK REJOINED ", "Pacemaker's clone unpromoted on the returning node")
     times["reboot to rejoined"] = time.monotonic() - t_reboot
-    m = expect(survivor, r"^PCMK SYNCED \S+: resync bytes_sent (\d+)", "the resync")
+    m = expect(survivor, r"^PCMK SYNCED \S+: resync_bytes (\d+)", "the resync")
     times["reboot to synced"] = time.monotonic() - t_reboot
     sent = int(m.group(1))
     full = SIZES["data"]

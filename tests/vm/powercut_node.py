@@ -226,11 +226,11 @@ class Node:
         self.own_writes(cut)
         out["changes"] = {r: local_changes(STATE / r, Path(self.disks[f"{r}-meta"]), self.peer,
                                            self.nr[r]).hex() for r in RESOURCES}
-        sent0 = {r: s["targets"][0]["bytes_sent"] for r, s in self.status().items()}
+        sent0 = {r: s["targets"][0]["resync_bytes"] for r, s in self.status().items()}
         emit("PC-PROMOTED", out)
         wait_for(lambda: self.all_(self.converged), 900, "the old primary back and resynced", 1)
         st = self.status()
-        emit("PC-RESYNCED", {r: st[r]["targets"][0]["bytes_sent"] - sent0[r] for r in RESOURCES})
+        emit("PC-RESYNCED", {r: st[r]["targets"][0]["resync_bytes"] - sent0[r] for r in RESOURCES})
         if cut == self.cuts:
             self.stop_daemon()
             print("PC-FINAL", flush=True)

@@ -138,8 +138,8 @@ class Pair:
     def wait_converged(self, what: str, timeout: float = 120) -> None:
         wait_for(self.converged, timeout, what)
 
-    def bytes_sent(self) -> int:
-        return sum(t["bytes_sent"] for t in self.status(self.primary())["targets"])
+    def bytes_sent(self, field: str = "bytes_sent") -> int:
+        return sum(t[field] for t in self.status(self.primary())["targets"])
 
 
 def _quiet(*cmd: str) -> None:
@@ -305,13 +305,13 @@ def test_failover_and_the_old_primary_returns_with_only_the_union(cleanup, loopd
     nr = SIZE // CHUNK
     mine = local_changes(ROOT / "alpha" / "state" / "r0", Path(c.meta["alpha"]), "beta", nr)
     union = int.from_bytes(mine, "little") | sum(1 << b for b in beta_blocks)
-    sent_before = c.bytes_sent()
+    sent_before = c.bytes_sent("resync_bytes")
 
     alpha = c.start("alpha")
     assert not alpha.failed, alpha.failed
     assert c.status("alpha")["role"] == "secondary"
     c.wait_converged("alpha resynced from beta")
-    resynced = c.bytes_sent() - sent_before
+    resynced = c.bytes_sent("resync_bytes") - sent_before
     assert resynced == union.bit_count() * CHUNK, (resynced, union.bit_count())
     assert sha256_of("/dev/mapper/r0", SIZE) == sha256_of(c.data["alpha"], SIZE)
 

@@ -205,13 +205,13 @@ def test_kill9_failover_promote_and_the_old_primary_returns(cleanup, loopdev):
     mine = local_changes(ROOT / "alpha" / "state" / "r0", Path(c.meta["alpha"]), "beta", nr)
     union = (int.from_bytes(mine, "little") | sum(1 << b for b in beta_blocks)).bit_count()
 
-    sent_before = c.status("beta")["targets"][0]["bytes_sent"]
+    sent_before = c.status("beta")["targets"][0]["resync_bytes"]
     tx_before = c.tx_bytes("beta")
     sh("ip", "-n", NS["alpha"], "link", "set", VETH["alpha"][0], "up")
     c.start("alpha")
     wait_for(lambda: c.status("alpha")["role"] == "secondary", 60, "alpha back as secondary")
     wait_for(lambda: c.converged("beta"), 180, "alpha resynced from beta", interval=0.5)
-    sent = c.status("beta")["targets"][0]["bytes_sent"] - sent_before
+    sent = c.status("beta")["targets"][0]["resync_bytes"] - sent_before
     assert sent == union * CHUNK, (sent, union)
     wire = c.tx_bytes("beta") - tx_before
     # the chunks plus framing, MACs, the handshake and TCP/IP headers: never a full sync

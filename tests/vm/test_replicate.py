@@ -299,13 +299,14 @@ def test_sync_target_has_the_write_when_it_completes(cluster):
 def test_kill9_daemons_and_converge(cluster):
     c = cluster
     rng = random.Random(9)
+    written = 48  # MiB: fio writes only there; a full resync would send all SIZE_MB
     for victim in ("alpha", "beta", "gamma"):
         writer = subprocess.Popen(["fio", "--name=w", "--output-format=terse", f"--filename={c.dev}",
-                                   "--size=48M", "--rw=randwrite", "--bssplit=4k/70:64k/30",
+                                   f"--size={written}M", "--rw=randwrite", "--bssplit=4k/70:64k/30",
                                    "--direct=1", "--time_based", "--runtime=5", "--fsync=32"],
                                   stdout=subprocess.DEVNULL)
         c.cleanup.process(writer)
-        sent = {t["name"]: t["bytes_sent"] for t in c.status()["targets"]}
+        before = {t["name"]: t["resync_bytes"] for t in c.status()["targets"]}
         time.sleep(rng.uniform(0.5, 2.0))
         c.kill(victim)  # mid-stream (and, for a target, mid-resync of what it missed)
         time.sleep(rng.uniform(0.2, 1.0))
@@ -314,10 +315,11 @@ def test_kill9_daemons_and_converge(cluster):
         c.wait_converged(240)
         d = c.digests()
         assert d["alpha"] == d["beta"] == d["gamma"], (victim, d)
-        # no full resync: the bitmaps survived the kill (a restarted source counts from 0)
+        # no full resync: the bitmaps survived the kill (a restarted source counts from 0).
+        # Streamed records are not counted: how many fio writes in 5 s depends on the machine.
         for t in c.status()["targets"]:
-            delta = t["bytes_sent"] - (0 if victim == "alpha" else sent[t["name"]])
-            assert delta < (SIZE_MB << 20) // 2, (victim, t["name"], delta)
+            resynced = t["resync_bytes"] - (0 if victim == "alpha" else before[t["name"]])
+            assert resynced <= written << 20, (victim, t["name"], resynced)
 
 
 def test_refused_peers_write_nothing(cluster):

@@ -99,6 +99,7 @@ class Link:
         self.sent_max = 0        # highest ring seq sent on the current connection
         self.by_checksum = False  # this session resyncs by comparing checksums (_take_report)
         self.bytes_sent = 0
+        self.resync_bytes = 0    # of bytes_sent, the chunk data sent by resyncs
         self.sync_total = 0
         self.sync_done = 0
         self.sync_started = 0.0
@@ -160,7 +161,8 @@ class Link:
         return {"name": self.name, "mode": str(self.mode), "state": self.state,
                 "connection": self._connection(),
                 "address": f"{self.address[0]}:{self.address[1]}",
-                "out_of_sync_bytes": oos, "bytes_sent": self.bytes_sent, "lag_records": lag,
+                "out_of_sync_bytes": oos, "bytes_sent": self.bytes_sent,
+                "resync_bytes": self.resync_bytes, "lag_records": lag,
                 "lag_bytes": st.ring_used if lag and st is not None else 0, "sync": sync,
                 "last_error": self.last_error}
 
@@ -446,6 +448,7 @@ class Link:
                 data = self.res.read_chunks(run, s.buf)
                 conn.send_message(P.ResyncChunk(run.start, data))  # sent: buf is free again
                 self.bytes_sent += len(data)
+                self.resync_bytes += len(data)
                 nbytes = len(data)
             s.inflight.append(run)
             s.inflight_bytes += nbytes
@@ -494,6 +497,7 @@ class Link:
                 piece = data[first * chunk:k * chunk]
                 conn.send_message(P.ResyncChunk(run.start + first, piece))
                 self.bytes_sent += len(piece)
+                self.resync_bytes += len(piece)
             k += 1
         return len(data)
 

@@ -10,6 +10,15 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.repctl-installed
 
+# Debian's default kernel first (the one linux-headers-amd64 is for): .ci/install-deps also
+# installs the 6.12 headers and image for `make module-kernels`, which must not become the
+# kernel the VM tier builds for and boots.
+ifeq ($(origin KVER),undefined)
+KVER := $(shell dpkg-query -W -f='$${Depends}' linux-headers-amd64 2>/dev/null | sed -n 's/^linux-headers-\([^ ,]*\).*/\1/p')
+ifeq ($(wildcard /lib/modules/$(KVER)/build),)
+undefine KVER
+endif
+endif
 # Kernel to build against (and boot in the VM tier): the newest /lib/modules/*
 # that has a `build` directory. Override with `make module KVER=...`.
 ifeq ($(origin KVER),undefined)
@@ -33,6 +42,9 @@ help:
 	@echo '  make deps       install the Debian packages needed (as root; .ci/install-deps)'
 	@echo '  make venv       create .venv with repctl installed editable, with test extras'
 	@echo '  make module     build kmod/dm-repl.ko against KVER=$(KVER)'
+	@echo '  make module-kernels  build dm-repl.ko against every /lib/modules/*/build, each in'
+	@echo '                  build/kmod-KVER/ (kmod/ untouched); fails on any error or warning'
+	@echo '  make deb        the Debian packages repctl and repctl-dkms in build/deb/ (docs/install.md)'
 	@echo '  make test       host tier, then VM tier; what CI runs'
 	@echo '  make test-host  unit tests, no privileges (pytest tests/host)'
 	@echo '  make test-vm    VM tier: boots the kernel under QEMU, loads dm-repl.ko, pytest tests/vm,'
@@ -70,7 +82,47 @@ module: | deps
 	fi
 	$(MAKE) -C $(KDIR) M=$(CURDIR)/kmod modules
 
-test: test-host test-vm powercut
+# dm-repl.ko against every kernel whose headers are installed (Debian's 6.1 and the 6.12 that
+# .ci/install-deps adds), each built in its own copy of the sources, build/kmod-KVER/, so that
+# kmod/ is untouched. Last in `make test`, so that a kernel it fails on does not keep the tiers
+# from running. Every kernel is tried; any error or warning (the compiler's, with Kbuild's
+# -Werror, or modpost's) fails the target. The logs stay in build/kmod-KVER/build.log.
+.PHONY: module-kernels
+module-kernels: | deps
+	@failed=; n=0; for b in /lib/modules/*/build; do \
+		[ -d "$$b" ] || continue; k=$$(basename "$$(dirname "$$b")"); d=build/kmod-$$k; n=$$((n + 1)); \
+		rm -rf "$$d" && mkdir -p "$$d" && cp kmod/Kbuild kmod/*.c kmod/*.h "$$d"/ || exit 1; \
+		if $(MAKE) --no-print-directory -k -C "$$b" M=$(CURDIR)/$$d modules > "$$d/build.log" 2>&1 \
+				&& ! grep -qi 'warning' "$$d/build.log"; then \
+			echo "module-kernels: $$k: ok ($$d/dm-repl.ko)"; \
+		else \
+			echo "module-kernels: $$k: FAILED ($$d/build.log):"; sed 's/^/    /' "$$d/build.log"; \
+			failed="$$failed $$k"; \
+		fi; \
+	done; \
+	if [ "$$n" -eq 0 ]; then echo "module-kernels: no /lib/modules/*/build (make deps)" >&2; exit 1; fi; \
+	if [ -n "$$failed" ]; then echo "module-kernels: FAILED for$$failed" >&2; exit 1; fi
+
+# The Debian packages (packaging/debian, docs/install.md): dpkg-buildpackage in build/deb/src, a
+# copy of the files of the tree that git knows or would add (kmod/ build products, .venv and
+# build/ left out), with packaging/debian as debian/; the .deb files land in build/deb/. The
+# stamp makes `make deb` a no-op while none of those files changed (a deleted one goes unseen:
+# make clean).
+DEB_TREE  := pyproject.toml README.md kmod pyctl packaging ocf docs
+DEB_FILES := $(wildcard $(shell git ls-files -co --exclude-standard -- $(DEB_TREE) 2>/dev/null \
+		|| find $(DEB_TREE) -type f ! -path '*/__pycache__/*'))
+.PHONY: deb
+deb: build/deb/.stamp
+
+build/deb/.stamp: $(DEB_FILES) | deps
+	rm -rf build/deb && mkdir -p build/deb/src
+	printf '%s\n' $(DEB_FILES) | tar -cf - --files-from=- | tar -xf - -C build/deb/src
+	cp -a packaging/debian build/deb/src/debian
+	cd build/deb/src && dpkg-buildpackage -us -uc -b
+	@ls -l build/deb/*.deb
+	@touch $@
+
+test: test-host test-vm powercut module-kernels
 	@$(VPY) tests/vmrun.py --report $(RESULTS)/host-junit.xml build/vm-results/junit.xml \
 		build/vm-results/crash/boot2/junit.xml build/powercut-results/junit.xml
 
@@ -89,7 +141,7 @@ define vm_run
 	$(MAKE) --no-print-directory module && $(VMRUN) $(1) $(VMARGS)
 endef
 
-test-vm: venv
+test-vm: venv deb
 	$(call vm_run,)
 
 # The power-cut test (tests/powercut.py): its own two VMs, so its own runner; the same

@@ -8,6 +8,7 @@ tests/vm/test_replicate.py runs real daemon processes in network namespaces.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -53,6 +54,26 @@ def config_text(node: str, nodes: dict[str, dict], targets: dict[str, str], *, s
     for t, mode in targets.items():
         lines.append(f"      {t}: {{mode: {mode}}}")
     return "\n".join(lines) + "\n"
+
+
+def veth_pair(cleanup, ns: dict[str, str], veth: dict[str, tuple[str, str]]) -> None:
+    """Two network namespaces (ns: node -> namespace), removed at cleanup, joined by one veth
+    pair (veth: node -> (device, address)), /24 addresses set and every link up."""
+    for name in ns.values():
+        _run("ip", "netns", "add", name)
+        cleanup.netns(name)
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+    (a, (da, _)), (b, (db, _)) = veth.items()
+    _run("ip", "link", "add", da, "netns", ns[a], "type", "veth", "peer", "name", db, "netns", ns[b])
+    for node, (dev, ip) in veth.items():
+        _run("ip", "-n", ns[node], "addr", "add", f"{ip}/24", "dev", dev)
+        _run("ip", "-n", ns[node], "link", "set", dev, "up")
+
+
+def _run(*cmd: str) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
 
 
 def wait_for(pred, timeout: float = 60, what: str = "condition", interval: float = 0.2):

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster import ROOT, config_text, wait_for, write_secret
+from cluster import ROOT, config_text, veth_pair, wait_for, write_secret
 from repctl import metadata
 from repctl.control import ControlClient
 from repctl.daemon.base import local_changes
@@ -49,16 +49,7 @@ class Nodes:
     def __init__(self, cleanup, loopdev):
         for d in ("alpha", "beta"):
             sh("rm", "-rf", str(ROOT / d))
-        for ns in NS.values():
-            sh("ip", "netns", "add", ns)
-            cleanup.netns(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        a, b = VETH["alpha"][0], VETH["beta"][0]
-        sh("ip", "link", "add", a, "netns", NS["alpha"], "type", "veth", "peer", "name", b,
-           "netns", NS["beta"])
-        for node, (dev, ip) in VETH.items():
-            sh("ip", "-n", NS[node], "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", NS[node], "link", "set", dev, "up")
+        veth_pair(cleanup, NS, VETH)
         self.data = {n: loopdev(SIZE_MB) for n in NS}
         self.meta = {n: loopdev(2) for n in NS}
         metadata.format_metadata(self.meta["alpha"], SIZE // 512, CHUNK // 512, force=True)

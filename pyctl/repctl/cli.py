@@ -62,6 +62,15 @@ POLL_INTERVAL = follow.POLL_INTERVAL
 #: Seconds a status poll may take while `verify` runs (its progress display skips a slow one).
 POLL_TIMEOUT = 5.0
 
+#: Seconds between two redraws of `status --watch` without --interval.
+WATCH_INTERVAL = 2.0
+
+#: Seconds the daemon may take to stop a verify when Ctrl-C cancels it (it waits up to 30).
+CANCEL_TIMEOUT = 40.0
+
+#: How `status --watch` waits between two redraws (tests replace it).
+_sleep = time.sleep
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -433,17 +442,24 @@ def disconnect(ctx: typer.Context, resource: ResourceArg, target: TargetArg = No
     _ask(ctx, "disconnect", resource, target)
 
 
-def _status(ctx: typer.Context, resource: str | None) -> dict[str, Any]:
+def _status(ctx: typer.Context, resource: str | None, *,
+            missing_ok: bool = False) -> dict[str, Any]:
+    """The daemon's status document, only `resource`'s entry if one is named: ReplError if it
+    is not up (with `missing_ok`, a document without resources then)."""
     st = _session(ctx).client().call("status")
     if not isinstance(st, dict) or not isinstance(st.get("resources", []), list):
         raise ReplError("the repctl daemon sent a malformed status")
     if resource is None:
         return st
     chosen = [r for r in st.get("resources") or [] if r.get("name") == resource]
-    if not chosen:
-        _session(ctx).config().resource(resource)  # ConfigError for a name the file lacks
+    if not chosen and not missing_ok:
+        cfg = _session(ctx).config()
+        if resource not in cfg.resources:
+            raise ReplError(f"unknown resource {resource!r}: {cfg.file} has "
+                            f"{', '.join(cfg.resources) or 'none'}; check the name")
         node = st.get("node") or "this node"
-        raise ReplError(f"resource {resource} is not up on {node} (repctl up {resource})")
+        raise ReplError(f"resource {resource} is not up on {node} (repctl up {resource}; "
+                        "repctl status shows what is up)")
     return {**st, "resources": chosen}
 
 
@@ -458,29 +474,83 @@ def status(
                      "a target being verified has a 'verify' object with its progress."),
     ] = False,
     watch: Annotated[
+        bool,
+        typer.Option("--watch", "-w", help="Redraw every --interval seconds until Ctrl-C; with "
+                     "--json, one JSON document per line each time."),
+    ] = False,
+    interval: Annotated[
         float | None,
-        typer.Option("--watch", "-w", min=0.2, help="Refresh every SECONDS until Ctrl-C."),
+        typer.Option("--interval", "-i", min=0.2, metavar="SECONDS",
+                     help=f"With --watch: seconds between two redraws (default "
+                     f"{WATCH_INTERVAL:g})."),
     ] = None,
 ) -> None:
     """Show the state of every resource and target of this node."""
-    if json and watch is not None:
-        raise typer.BadParameter("--json prints one document; it does not go with --watch")
-    if json:
-        render.print_json(_status(ctx, resource))
-        return
-    con = render.console()
-    if watch is None:
-        con.print(render.status_view(_status(ctx, resource)))
-        return
-    from rich.live import Live
+    if interval is not None and not watch:
+        raise typer.BadParameter("--interval goes with --watch", param_hint="'--interval'")
+    if watch and interval is None and resource is not None and _is_number(resource) and (
+            resource not in _session(ctx).config().resources):
+        # `--watch 2`, as earlier versions took it: 2 is no resource
+        raise typer.BadParameter(f"--watch takes no value; say --watch --interval {resource}",
+                                 param_hint="'--watch'")
+    doc = _status(ctx, resource)  # also with --watch: an unreachable daemon fails here, at once
+    if watch:
+        _watch(ctx, resource, doc, json, WATCH_INTERVAL if interval is None else interval)
+    elif json:
+        render.print_json(doc)
+    else:
+        render.console().print(render.status_view(doc))
 
-    with Live(render.status_view(_status(ctx, resource)), console=con, auto_refresh=False) as live:
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _watch(ctx: typer.Context, resource: str | None, doc: dict[str, Any], json: bool,
+           interval: float) -> None:
+    """`status --watch`: show `doc`, then a fresh status every `interval` seconds until Ctrl-C
+    (which returns: exit 0). On a terminal the table is redrawn in place (rich Live); in a pipe
+    each snapshot follows the last, after a blank line; with `json`, one compact JSON document
+    per line. ReplError if the daemon goes away meanwhile; a resource that goes down is shown
+    as not up, and watched on."""
+    empty = f"{resource} is not up on this node" if resource else "no resource is up"
+
+    def poll() -> dict[str, Any]:
         try:
+            return _status(ctx, resource, missing_ok=True)
+        except ReplError as exc:
+            raise ReplError(f"stopped watching: {exc}") from None
+
+    def view(st: Mapping[str, Any]) -> Any:
+        return render.status_view(st, empty=empty, header=(
+            f"{time.strftime('%H:%M:%S')}, every {interval:g} s (Ctrl-C stops)"))
+
+    try:
+        if json:
             while True:
-                time.sleep(watch)
-                live.update(render.status_view(_status(ctx, resource)), refresh=True)
-        except KeyboardInterrupt:
-            pass
+                typer.echo(jsonlib.dumps(doc))
+                _sleep(interval)
+                doc = poll()
+        con = render.console()
+        if not con.is_terminal:
+            while True:
+                con.print(view(doc))
+                con.print()
+                _sleep(interval)
+                doc = poll()
+        from rich.live import Live  # only --watch on a terminal redraws (start time)
+
+        with Live(view(doc), console=con, auto_refresh=False) as live:
+            while True:
+                _sleep(interval)
+                doc = poll()
+                live.update(view(doc), refresh=True)
+    except KeyboardInterrupt:
+        return
 
 
 @contextmanager
@@ -523,6 +593,22 @@ def _verify_call(session: Session, resource: str, target: str) -> Any:
         return follow.call_with_progress(call, poll, draw, POLL_INTERVAL)
 
 
+def _cancel_verify(session: Session, resource: str, target: str) -> typer.Exit:
+    """After Ctrl-C: ask the daemon to stop the verify (it does at the next chunk boundary and
+    answers once it has), say so; return the Exit (130) to raise."""
+    name = f"{resource}/{target}"
+    try:
+        session.client(CANCEL_TIMEOUT).call("cancel_verify", resource=resource, target=target)
+    except ReplError as exc:
+        return fail(f"{name}: interrupted, but the verify could not be cancelled: {exc} "
+                    f"(repctl status {resource} shows whether it still runs)", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        return fail(f"{name}: interrupted while cancelling the verify (repctl status {resource} "
+                    "shows whether it still runs)", EXIT_INTERRUPTED)
+    typer.echo(f"{name}: verify cancelled", err=True)
+    return typer.Exit(EXIT_INTERRUPTED)
+
+
 VERIFY_COLUMNS = (
     render.Column("chunk", "Chunk", justify="right"),
     render.Column("offset", "Offset", justify="right"),
@@ -541,13 +627,14 @@ def verify(
     """Compare RESOURCE with TARGET chunk by chunk (checksums); exit 0 only if identical.
 
     Exit 3 when chunks differ, 1 on an error. The daemon blocks until the comparison is done;
-    on a terminal a progress bar shows how far it is.
+    on a terminal a progress bar shows how far it is. Ctrl-C cancels the comparison in the
+    daemon too (exit 130).
     """
+    session = _session(ctx)
     try:
-        result = _verify_call(_session(ctx), resource, target)
+        result = _verify_call(session, resource, target)
     except KeyboardInterrupt:
-        raise fail(f"interrupted; the daemon finishes this verify anyway (repctl status "
-                   f"{resource})", EXIT_INTERRUPTED) from None
+        raise _cancel_verify(session, resource, target) from None
     if not isinstance(result, dict):
         raise ReplError("the repctl daemon sent a malformed verify result")
     differing = [c for c in result.get("differing") or [] if isinstance(c, int)]

@@ -49,6 +49,7 @@ MIN_SECRET_BYTES = 16
 MIN_HOOK_TIMEOUT = 1.0  # seconds
 MAX_HOOK_TIMEOUT = 3600.0
 DEFAULT_HOOK_TIMEOUT = 30.0
+METRICS_LOOPBACK = "127.0.0.1"  # where a bare metrics port listens (docs/metrics.md)
 
 # Node names that the daemon's state files of a resource would clash with: in
 # <state_dir>/<resource>/ the source keeps <target>.json and <target>.oos per target, and also
@@ -145,6 +146,8 @@ class GlobalConfig:
     control_socket: Path
     state_dir: Path
     secret_file: Path
+    # where `repctl daemon` serves Prometheus metrics, (host, port); None: not served
+    metrics: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -327,14 +330,14 @@ class Config:
             if r.actions:
                 out["actions"] = [_action_dict(a) for a in r.actions]
             resources[r.name] = out
-        return {
-            "global": {
-                "control_socket": str(g.control_socket),
-                "state_dir": str(g.state_dir),
-                "secret_file": str(g.secret_file),
-            },
-            "resources": resources,
+        glob: dict[str, Any] = {
+            "control_socket": str(g.control_socket),
+            "state_dir": str(g.state_dir),
+            "secret_file": str(g.secret_file),
         }
+        if g.metrics is not None:
+            glob["metrics"] = format_host_port(*g.metrics)
+        return {"global": glob, "resources": resources}
 
     def dump(self) -> str:
         """The configuration as YAML text (see `to_dict`)."""
@@ -541,6 +544,49 @@ def _port(value: object) -> int:
     return value
 
 
+_METRICS_EXPECTED = (
+    "a port (served on 127.0.0.1) or HOST:PORT, such as 9942, 127.0.0.1:9942, [::1]:9942 or "
+    "10.0.0.1:9942, with a port from 1024 to 65535; or off"
+)
+_HOST_PORT = re.compile(r"(?:\[([^\]]+)\]|([^:\[\]]+)):(\d+)")
+
+
+def _metrics(value: object) -> tuple[str, int] | None:
+    """The metrics endpoint: None (off) for nothing, off or false; a bare port listens on the
+    loopback address only; HOST:PORT where HOST is an IP address (IPv6 in brackets) or a name."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool):
+        raise _Invalid(_METRICS_EXPECTED)
+    host, port = METRICS_LOOPBACK, value
+    if isinstance(value, str):
+        text = value.strip()
+        m = _HOST_PORT.fullmatch(text)
+        if m:
+            host, port = m.group(1) or m.group(2), int(m.group(3))
+            if m.group(1) is not None and ":" not in host:
+                raise _Invalid(_METRICS_EXPECTED)  # brackets are for IPv6 addresses only
+            try:
+                host = _address(host)
+            except _Invalid:
+                raise _Invalid(_METRICS_EXPECTED) from None
+            if ":" in host and m.group(1) is None:
+                raise _Invalid(_METRICS_EXPECTED)  # an IPv6 address needs its brackets
+        elif text.isdigit():
+            port = int(text)
+        else:
+            raise _Invalid(_METRICS_EXPECTED)
+    try:
+        return host, _port(port)
+    except _Invalid:
+        raise _Invalid(_METRICS_EXPECTED) from None
+
+
+def format_host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 address in brackets: what `_metrics` reads back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _abs_path(value: object) -> Path:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise _Invalid("an absolute path")
@@ -720,6 +766,7 @@ _GLOBAL_KEYS = {
     "control_socket": _Key(_abs_path, Path("/run/repctl/repctl.sock")),
     "state_dir": _Key(_abs_path, Path("/var/lib/repctl")),
     "secret_file": _Key(_abs_path, Path("/etc/repctl/secret")),
+    "metrics": _Key(_metrics, None),
 }
 
 _RESOURCE_KEYS = {

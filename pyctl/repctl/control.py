@@ -77,6 +77,7 @@ COMMANDS: Mapping[str, Command] = {
     "connect": Command(("resource",), ("target",)),
     "disconnect": Command(("resource",), ("target",)),
     "verify": Command(("resource", "target")),
+    "cancel_verify": Command(("resource", "target")),
     "promote": Command(("resource",), ("force",)),
     "demote": Command(("resource",)),
     "resolve": Command(("resource",), ("discard_local",)),
@@ -108,6 +109,7 @@ class Handler(Protocol):
     def connect(self, resource: str, target: str | None = None) -> Any: ...
     def disconnect(self, resource: str, target: str | None = None) -> Any: ...
     def verify(self, resource: str, target: str) -> dict[str, Any]: ...
+    def cancel_verify(self, resource: str, target: str) -> Any: ...
     def promote(self, resource: str, force: bool = False) -> Any: ...
     def demote(self, resource: str) -> Any: ...
     def resolve(self, resource: str, discard_local: bool = False) -> Any: ...
@@ -459,11 +461,17 @@ def _peer_closed(conn: socket.socket) -> bool:
 # Client
 # --------------------------------------------------------------------------------------------
 
+#: What to do next, after the reason, when the daemon is not there to answer.
+NOT_RUNNING = "(is it running? systemctl status repctl; start it: systemctl start repctl)"
+
+#: Why the socket cannot be reached, and what to do next.
 _REASONS = {
-    errno.ENOENT: "no such socket",
-    errno.ECONNREFUSED: "connection refused",
-    errno.EACCES: "permission denied (run repctl as root)",
-    errno.EPERM: "permission denied (run repctl as root)",
+    errno.ENOENT: f"no such socket {NOT_RUNNING}",
+    errno.ECONNREFUSED: f"connection refused {NOT_RUNNING}",
+    errno.EACCES: "permission denied: the control socket is root's only (run repctl as root: "
+                  "sudo repctl ...)",
+    errno.EPERM: "permission denied: the control socket is root's only (run repctl as root: "
+                 "sudo repctl ...)",
 }
 
 
@@ -485,18 +493,17 @@ class ControlClient:
             sock.connect(os.fspath(self.path))
         except TimeoutError:
             sock.close()
-            raise self._unreachable("timed out") from None
+            raise self._unreachable("timed out: the daemon does not accept connections (its "
+                                    "log: journalctl -u repctl; systemctl restart repctl)") from None
         except OSError as exc:
             sock.close()
-            reason = _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+            reason = _REASONS.get(exc.errno or 0) or (
+                f"{(exc.strerror or str(exc)).lower()} {NOT_RUNNING}")
             raise self._unreachable(reason) from None
         return sock
 
     def _unreachable(self, reason: str) -> ReplError:
-        return ReplError(
-            f"cannot reach the repctl daemon at {self.path}: {reason} "
-            "(is it running? systemctl status repctl)"
-        )
+        return ReplError(f"cannot reach the repctl daemon at {self.path}: {reason}")
 
     def _read(self, rfile: Any, cmd: str) -> dict[str, Any] | None:
         """The next reply line as a dict; None at the end of the stream."""
@@ -505,11 +512,12 @@ class ControlClient:
         except TimeoutError:
             raise ReplError(
                 f"the repctl daemon at {self.path} did not answer '{cmd}' within "
-                f"{self.timeout:g} s"
+                f"{self.timeout:g} s (busy or hung? its log: journalctl -u repctl)"
             ) from None
         except OSError as exc:
             raise ReplError(
-                f"lost the connection to the repctl daemon at {self.path}: {exc.strerror or exc}"
+                f"lost the connection to the repctl daemon at {self.path}: "
+                f"{exc.strerror or exc} (did it stop? systemctl status repctl)"
             ) from None
         if not line:
             return None
@@ -529,11 +537,12 @@ class ControlClient:
             try:
                 sock.sendall(encode(request), socket.MSG_NOSIGNAL)
             except OSError as exc:
-                raise self._unreachable(exc.strerror or str(exc)) from None
+                raise self._unreachable(f"{exc.strerror or exc} {NOT_RUNNING}") from None
             reply = self._read(rfile, cmd)
         if reply is None:
             raise ReplError(
-                f"the repctl daemon at {self.path} closed the connection without answering '{cmd}'"
+                f"the repctl daemon at {self.path} closed the connection without answering "
+                f"'{cmd}' (did it stop? systemctl status repctl)"
             )
         if reply.get("ok") is True:
             return reply.get("result")

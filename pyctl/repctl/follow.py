@@ -33,6 +33,30 @@ Status = Mapping[str, Any]
 #: States a target stays in until the administrator changes its setting (resume, connect).
 STOPPED = (LinkState.PAUSED, LinkState.DISCONNECTED)
 
+#: Seconds a target may stay refused as BUSY before a wait fails: right after a reconnection
+#: the target may not have seen its previous connection end yet, and takes the next one.
+BUSY_GRACE = 10.0
+
+#: What to do about a handshake refusal, by the reason in the target's ``connection``
+#: (``refused: SPLIT_BRAIN``; protocol.RefuseReason names them). {r} is the resource.
+REFUSAL_HINTS: Mapping[str, str] = {
+    "SPLIT_BRAIN": "the copies diverged: `repctl resolve {r} --discard-local` on the node whose "
+                   "changes go, or an after_split_brain policy (docs/failover.md)",
+    "ROLE_CONFLICT": "both nodes are primary: `repctl demote {r}` on one of them "
+                     "(docs/failover.md)",
+    "AUTH_FAILED": "the two nodes have different secrets: give both the same global.secret_file",
+    "UNKNOWN_RESOURCE": "the target's configuration has no resource {r}: make both nodes' "
+                        "configuration files the same, then systemctl restart repctl there",
+    "UNEXPECTED_NODE": "the nodes' configuration files disagree about the nodes of {r}: make "
+                       "them the same, then systemctl restart repctl on the target",
+    "CHUNK_SIZE_MISMATCH": "the nodes' configuration files disagree about chunk_size: make them "
+                           "the same, then systemctl restart repctl on the target",
+    "DEVICE_TOO_SMALL": "the target's device is smaller than this node's: give it a larger one",
+    "VERSION": "the nodes run repctl versions without a protocol in common: install the same "
+               "version on both",
+    "BUSY": "the target is connected to another primary: see `repctl status` there",
+}
+
 
 def find_target(status: Status, resource: str, target: str) -> Mapping[str, Any] | None:
     """The entry of `target` of `resource` in the status document, or None."""
@@ -96,6 +120,23 @@ def _stopped_by_admin(t: Mapping[str, Any]) -> bool:
     return admin != "up"
 
 
+def _refusal(t: Mapping[str, Any]) -> str | None:
+    """The reason word if the target's last handshake was refused (``refused: REASON``)."""
+    connection = str(t.get("connection") or "")
+    if not connection.startswith("refused"):
+        return None
+    return connection.partition(":")[2].strip() or "?"
+
+
+def refused_text(resource: str, t: Mapping[str, Any], reason: str) -> str:
+    """One line: which target refused, the daemon's text, and what to do about it."""
+    name = t.get("name")
+    hint = REFUSAL_HINTS.get(reason, "fix what the text says")
+    why = t.get("last_error") or f"refused: {reason}"
+    return (f"{resource}/{name}: refused while waiting for it to stream: {why}; "
+            f"{hint.format(r=resource)} (the daemon keeps retrying: repctl status {resource})")
+
+
 def _targets_of(status: Status, resource: str) -> list[Mapping[str, Any]] | None:
     for res in status.get("resources") or []:
         if res.get("name") == resource:
@@ -119,22 +160,28 @@ def wait_streaming(
 
     ReplError with one line if the resource is not in the status, a target is missing, a target
     is paused or disconnected by the administrator (its ``admin`` is not ``up``: it will not
-    stream until someone resumes or connects it), or `timeout` seconds pass. A target that
-    cannot connect is retried by the daemon; only the timeout ends that wait.
+    stream until someone resumes or connects it), a target refuses the connection (its
+    ``connection`` is ``refused: REASON``; BUSY only after `BUSY_GRACE` seconds: it may be
+    transient), or `timeout` seconds pass. A target that cannot be reached is retried by the
+    daemon; only the timeout ends that wait.
     """
     deadline = None if timeout is None else clock() + timeout
+    busy: dict[str, float] = {}  # target -> when it was first seen refused as BUSY
     while True:
         entries = _targets_of(poll(), resource)
         if entries is None:
-            raise ReplError(f"resource {resource} is no longer up on this node")
+            raise ReplError(f"resource {resource} is no longer up on this node "
+                            f"(repctl status; repctl up {resource})")
         by_name = {str(t.get("name")): t for t in entries}
         names = list(targets) if targets is not None else list(by_name)
         for name in names:
             if name not in by_name:
-                raise ReplError(f"resource {resource} has no target {name!r} in the status")
+                raise ReplError(f"resource {resource} has no target {name!r} in the status "
+                                f"(its targets: {', '.join(by_name) or 'none'})")
         awaited = [by_name[n] for n in names]
         if show is not None:
             show(awaited)
+        now = clock()
         for t in awaited:
             state = t.get("state")
             if state in STOPPED and _stopped_by_admin(t):
@@ -143,6 +190,13 @@ def wait_streaming(
                     f"{resource}/{t.get('name')}: {state} by the administrator while waiting "
                     f"for it to stream (repctl {undo} {resource} {t.get('name')})"
                 )
+            reason, name = _refusal(t), str(t.get("name"))
+            if reason != "BUSY":
+                busy.pop(name, None)
+            if reason is None or (reason == "BUSY"
+                                  and now - busy.setdefault(name, now) < BUSY_GRACE):
+                continue
+            raise ReplError(refused_text(resource, t, reason))
         pending = [t for t in awaited if t.get("state") != LinkState.STREAMING]
         if not pending:
             return names

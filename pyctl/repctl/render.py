@@ -23,6 +23,7 @@ from repctl.daemon.state import LinkState, Role
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
@@ -42,7 +43,9 @@ __all__ = [
     "status_rows",
     "status_view",
     "sync_bar",
+    "sync_text",
     "table",
+    "text_bar",
     "verify_bar",
 ]
 
@@ -108,7 +111,8 @@ class Column:
 
     key: str
     header: str
-    fmt: Callable[[Any], str | Text] = lambda v: MISSING if v is None else str(v)
+    fmt: Callable[[Any], str | Text | RenderableType] = (
+        lambda v: MISSING if v is None else str(v))
     justify: Literal["left", "right", "center"] = "left"
 
 
@@ -177,18 +181,58 @@ def state_text(state: object) -> Text:
     return Text(str(state), style=STATE_STYLES.get(str(state), ""))
 
 
-def _sync(sync: object) -> str:
+#: Cells of the bar in the Sync column.
+SYNC_BAR = 10
+
+
+def text_bar(fraction: float, width: int = SYNC_BAR, *, ascii: bool = False) -> str:
+    """A bar of `width` cells, `fraction` of them full: ``██░░░░░░░░`` (``##--------`` in
+    ASCII). Full and empty cells differ without colour, so a pipe or a log shows it too."""
+    full = int(min(max(fraction, 0.0), 1.0) * width)
+    on, off = ("#", "-") if ascii else ("█", "░")
+    return on * full + off * (width - full)
+
+
+def sync_text(sync: object, *, ascii: bool = False) -> tuple[str, str]:
+    """The Sync cell of a target as (bar, text): ``("██░░░░░░░░", "25.0% 47.7 MiB/s ETA
+    1m04s")`` while it resyncs (the status document's ``sync``), ``("", "-")`` otherwise."""
     if not isinstance(sync, Mapping):
-        return MISSING
-    total, done = sync.get("total_bytes"), sync.get("done_bytes")
-    parts = []
-    if isinstance(total, int | float) and isinstance(done, int | float) and total > 0:
+        return "", MISSING
+    total, done = _num(sync.get("total_bytes")), _num(sync.get("done_bytes"))
+    bar, parts = "", []
+    if total and done is not None and total > 0:
+        bar = text_bar(done / total, ascii=ascii)
         parts.append(f"{min(100.0, 100.0 * done / total):.1f}%")
     if sync.get("rate_bps") is not None:
         parts.append(human_rate(sync["rate_bps"]))
     if sync.get("eta_s") is not None:
         parts.append(f"ETA {human_duration(sync['eta_s'])}")
-    return " ".join(parts) or MISSING
+    return bar, " ".join(parts) or MISSING
+
+
+class _SyncCell:
+    """The Sync cell: `sync_text`, its bar in ASCII on a console that cannot print the blocks,
+    coloured on a terminal, plain in a pipe."""
+
+    def __init__(self, sync: object) -> None:
+        self.sync = sync
+
+    def _text(self, ascii: bool) -> Text:
+        from rich.text import Text  # start time
+
+        bar, rest = sync_text(self.sync, ascii=ascii)
+        if not bar:
+            return Text(rest, no_wrap=True)
+        return Text.assemble((bar, "cyan"), " ", rest, no_wrap=True)
+
+    def __rich_console__(self, con: Console, options: ConsoleOptions) -> RenderResult:
+        yield self._text(options.ascii_only)
+
+    def __rich_measure__(self, con: Console, options: ConsoleOptions) -> Measurement:
+        from rich.measure import Measurement  # start time
+
+        width = len(self._text(True))
+        return Measurement(width, width)
 
 
 def _lag(lag: object) -> str:
@@ -210,7 +254,7 @@ STATUS_COLUMNS: Sequence[Column] = (
     Column("state", "State", state_text),
     Column("connection", "Connection"),
     Column("out_of_sync", "Out of sync", human_bytes, "right"),
-    Column("sync", "Sync", _sync),
+    Column("sync", "Sync", _SyncCell),
     Column("lag", "Lag", _lag, "right"),
     Column("sent", "Sent", lambda v: v if isinstance(v, str) else human_bytes(v), "right"),
 )
@@ -312,8 +356,10 @@ def status_details(status: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def status_view(status: Mapping[str, Any]) -> RenderableType:
-    """The whole `repctl status` screen: the table, then the detail lines."""
+def status_view(status: Mapping[str, Any], *, empty: str = "no resource is up",
+                header: str | None = None) -> RenderableType:
+    """The whole `repctl status` screen: the table, then the detail lines. `empty` is what it
+    says when there is no row; `header`, if given, is a first line (``--watch``'s clock)."""
     from rich.console import Group  # start time
     from rich.text import Text
 
@@ -321,8 +367,10 @@ def status_view(status: Mapping[str, Any]) -> RenderableType:
     rows = status_rows(status)
     title = f"repctl on {node}" if node else None
     parts: list[RenderableType] = []
+    if header:
+        parts.append(Text(header, style="dim"))
     if not rows:
-        parts.append(Text(f"{title + ': ' if title else ''}no resource is up"))
+        parts.append(Text(f"{title + ': ' if title else ''}{empty}"))
     else:
         if title:
             parts.append(Text(title, style="bold"))

@@ -10,6 +10,7 @@ import queue
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -62,6 +63,7 @@ class FakeDaemon:
         self.status_docs: list[dict[str, Any]] = []  # the next status answers, then status_doc
         self.verify_result: dict[str, Any] = {}
         self.verify_hook: Any = None  # called before verify answers (it may block)
+        self.cancelled = threading.Event()  # set by cancel_verify
         self.events: queue.Queue[Any] = queue.Queue()
 
     def _call(self, name: str, result: Any = None, **kw: Any) -> Any:
@@ -97,6 +99,11 @@ class FakeDaemon:
         if self.verify_hook is not None:
             self.verify_hook()
         return self._call("verify", self.verify_result, resource=resource, target=target)
+
+    def cancel_verify(self, resource: str, target: str) -> Any:
+        self.cancelled.set()
+        return self._call("cancel_verify", f"{resource}/{target}: verify cancelled",
+                          resource=resource, target=target)
 
     def subscribe(self) -> Any:
         return self._call("subscribe", self.events)
@@ -214,17 +221,169 @@ def test_status_tolerates_missing_optional_fields(
     assert "future_field 1" in result.stdout
 
 
-def test_status_of_a_resource_that_is_not_up(config: Path, server: ControlServer) -> None:
+def test_status_of_a_resource_that_is_not_up(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
     result = run(config, "status", "r0", "--json")
     assert result.exit_code == 0
     result = CliRunner().invoke(cli.app, ["-c", str(config), "status", "nope"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("repctl: error: ")
-    assert "a resource named 'nope'" in result.stderr
+    assert result.stderr == (f"repctl: error: unknown resource 'nope': {config} has r0, r1; "
+                             "check the name\n")
+    daemon.status_doc = target_doc("streaming")  # r0 only
+    result = run(config, "status", "r1")  # in the file, not up: says how to bring it up
+    assert result.exit_code == 1
+    assert result.stderr == ("repctl: error: resource r1 is not up on alpha (repctl up r1; "
+                             "repctl status shows what is up)\n")
 
 
-def test_status_json_and_watch_is_a_usage_error(config: Path, server: ControlServer) -> None:
-    assert run(config, "status", "--json", "--watch", "1").exit_code == 2
+def test_status_table_shows_a_bar_while_syncing(config: Path, server: ControlServer) -> None:
+    result = run(config, "status")
+    assert result.exit_code == 0, result.output
+    gamma = next(line for line in result.stdout.splitlines() if " gamma " in line)
+    assert "██░░░░░░░░ 25.0% 47.7 MiB/s ETA 1m04s" in gamma  # a pipe: no colour, still a bar
+    assert "\x1b" not in result.stdout
+    beta = next(line for line in result.stdout.splitlines() if " beta " in line)
+    assert "█" not in beta and "░" not in beta  # streaming: no sync, no bar
+
+
+def test_render_sync_cell() -> None:
+    assert render.text_bar(0.25) == "██░░░░░░░░"
+    assert render.text_bar(1.0, 4, ascii=True) == "####"
+    assert render.text_bar(0.999, 4) == "███░"  # full only when done
+    assert render.sync_text(SYNCING) == ("██░░░░░░░░", "25.0% 47.7 MiB/s ETA 1m04s")
+    assert render.sync_text({"done_bytes": 0, "total_bytes": 0, "rate_bps": 0.0,
+                             "eta_s": None}) == ("", "0 B/s")
+    assert render.sync_text(None) == ("", "-")
+    # a console that cannot print the blocks (LANG=C) gets an ASCII bar
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    con = Console(file=out, width=200, force_terminal=False)
+    assert con.options.ascii_only
+    con.print(render.table([{"sync": SYNCING}], [render.Column("sync", "Sync",
+                                                              render.STATUS_COLUMNS[8].fmt)]))
+    out.seek(0)
+    assert "##-------- 25.0% 47.7 MiB/s ETA 1m04s" in out.read()
+
+
+def test_status_interval_without_watch_is_a_usage_error(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
+    result = run(config, "status", "--interval", "1")
+    assert result.exit_code == 2
+    assert "--interval goes with --watch" in result.output
+    result = run(config, "status", "--watch", "2")  # as it was once spelt: 2 is no resource
+    assert result.exit_code == 2
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # out of typer's box
+    assert "--watch takes no value; say --watch --interval 2" in said
+    assert daemon.calls == []
+
+
+def snapshots_of(out: str) -> list[str]:
+    """The snapshots `status --watch` printed in a pipe, each after its clock line."""
+    return re.split(r"^\d\d:\d\d:\d\d, every ", out, flags=re.MULTILINE)[1:]
+
+
+class Ticks:
+    """Replaces the CLI's sleep in `status --watch`: records each wait, and after `n` of them
+    does what Ctrl-C does (or what `then` does)."""
+
+    def __init__(self, n: int, then: Any = None) -> None:
+        self.n, self.then, self.waits = n, then, []  # type: ignore[var-annotated]
+
+    def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        if len(self.waits) > self.n:
+            raise KeyboardInterrupt
+        if self.then is not None:
+            self.then(len(self.waits))
+
+
+def test_status_watch_prints_a_snapshot_per_interval_in_a_pipe(
+    config: Path, server: ControlServer, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = Ticks(2)
+    monkeypatch.setattr(cli, "_sleep", ticks)
+    daemon.status_docs = [target_doc("syncing", sync=SYNCING), target_doc("syncing", sync={
+        **SYNCING, "done_bytes": 3 << 30}), target_doc("streaming")]
+    result = run(config, "status", "--watch", "--interval", "0.5")
+    assert result.exit_code == 0, result.output  # Ctrl-C ends it: exit 0
+    assert ticks.waits == [0.5, 0.5, 0.5]
+    assert [c for c, _ in daemon.calls] == ["status"] * 3
+    out = result.stdout
+    assert "\x1b" not in out  # a pipe: no cursor movements, one snapshot after the other
+    snapshots = snapshots_of(out)
+    assert len(snapshots) == 3, out
+    assert "25.0%" in snapshots[0] and "75.0%" in snapshots[1]
+    assert "streaming" in snapshots[2] and "%" not in snapshots[2]
+    assert all(s.startswith("0.5 s (Ctrl-C stops)\nrepctl on alpha\n") for s in snapshots), out
+    assert all(s.endswith("\n\n") for s in snapshots), "a blank line after each"
+
+
+def test_status_watch_redraws_in_place_on_a_terminal(
+    config: Path, server: ControlServer, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    screen = io.StringIO()
+    monkeypatch.setattr(render, "console", lambda *, stderr=False: Console(
+        file=screen, force_terminal=True, width=160, height=40, highlight=False))
+    ticks = Ticks(1)
+    monkeypatch.setattr(cli, "_sleep", ticks)
+    daemon.status_docs = [target_doc("syncing", sync=SYNCING), target_doc("streaming")]
+    result = run(config, "status", "--watch")
+    assert result.exit_code == 0, result.output
+    assert ticks.waits == [cli.WATCH_INTERVAL] * 2
+    drawn = screen.getvalue()
+    first, _, second = drawn.partition("\x1b[2K")  # the redraw erases the first table's lines
+    assert "25.0%" in first and "syncing" in first
+    assert "streaming" in second and "25.0%" not in second
+
+
+def test_status_watch_json_prints_one_document_per_line(
+    config: Path, server: ControlServer, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_sleep", Ticks(2))
+    docs = [{**target_doc("syncing", sync=SYNCING), "version": 1},
+            {**target_doc("streaming"), "version": 1}]
+    daemon.status_docs = copy.deepcopy(docs)
+    result = run(config, "status", "--watch", "--json", "-i", "1")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [json.loads(line) for line in lines] == [docs[0], docs[1], docs[1]]
+    assert result.stderr == ""
+
+
+def test_status_watch_fails_when_the_daemon_goes_away(
+    config: Path, server: ControlServer, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_sleep", Ticks(5, then=lambda n: n == 2 and server.stop()))
+    result = run(config, "status", "--watch", "--json")
+    assert result.exit_code == 1
+    assert len(result.stdout.splitlines()) == 2  # what it saw before
+    assert result.stderr.startswith("repctl: error: stopped watching: cannot reach the repctl "
+                                    "daemon at "), result.stderr
+    assert "systemctl start repctl" in result.stderr
+
+
+def test_status_watch_without_a_daemon_fails_at_once(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = Ticks(5)
+    monkeypatch.setattr(cli, "_sleep", ticks)
+    result = run(config, "status", "--watch")
+    assert result.exit_code == 1
+    assert result.stdout == "" and ticks.waits == []
+    assert result.stderr.startswith("repctl: error: cannot reach the repctl daemon at ")
+
+
+def test_status_watch_of_a_resource_that_goes_down(
+    config: Path, server: ControlServer, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_sleep", Ticks(1))
+    daemon.status_docs = [target_doc("streaming"), {"node": "alpha", "resources": []}]
+    result = run(config, "status", "r0", "--watch")
+    assert result.exit_code == 0, result.output
+    first, second = snapshots_of(result.stdout)
+    assert "streaming" in first
+    assert "repctl on alpha: r0 is not up on this node" in second
 
 
 def test_render_status_rows_one_per_target() -> None:
@@ -249,7 +408,8 @@ def test_daemon_not_running(config: Path) -> None:
     assert result.exit_code == 1
     assert result.stdout == ""
     assert result.stderr.startswith("repctl: error: cannot reach the repctl daemon at ")
-    assert "(is it running? systemctl status repctl)" in result.stderr
+    assert "(is it running? systemctl status repctl; start it: systemctl start repctl)" in (
+        result.stderr)
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -352,12 +512,13 @@ def test_verify_error_exits_1(config: Path, server: ControlServer, daemon: FakeD
 
 
 def target_doc(state: str, *, admin: str = "up", sync: Any = None, verify: Any = None,
-               oos: int = 0, last_error: str | None = None) -> dict[str, Any]:
+               oos: int = 0, last_error: str | None = None,
+               connection: str = "connected") -> dict[str, Any]:
     """A status document whose r0 has one target, gamma, in `state`."""
     return {"node": "alpha", "resources": [{
         "name": "r0", "role": "source", "device": "/dev/mapper/r0",
         "targets": [{"name": "gamma", "mode": "async", "state": state, "admin": admin,
-                     "connection": "connected", "out_of_sync_bytes": oos, "sync": sync,
+                     "connection": connection, "out_of_sync_bytes": oos, "sync": sync,
                      "verify": verify, "last_error": last_error}],
     }]}
 
@@ -523,6 +684,58 @@ def test_wait_fails_when_the_daemon_goes_away(
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_wait_fails_at_once_when_the_target_refuses(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    why = ("peer refused the connection (AUTH_FAILED): the peer's proof does not match the "
+           "shared secret")
+    daemon.status_docs = [
+        target_doc("paused"),  # the link has not seen the connect yet
+        target_doc("connecting", connection="refused: AUTH_FAILED", last_error=why),
+        target_doc("streaming"),  # never asked for: the wait ended before
+    ]
+    result = run(config, "connect", "r0", "gamma", "--wait")
+    assert result.exit_code == 1
+    assert [c for c, _ in daemon.calls] == ["connect", "status", "status"]
+    assert result.stdout == "connecting\n"
+    assert result.stderr == (
+        f"repctl: error: r0/gamma: refused while waiting for it to stream: {why}; the two nodes "
+        "have different secrets: give both the same global.secret_file (the daemon keeps "
+        "retrying: repctl status r0)\n"
+    )
+
+
+def test_wait_streaming_on_refusals() -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    # a split brain: at once, with what to do
+    split = target_doc("connecting", connection="refused: SPLIT_BRAIN")
+    with pytest.raises(ReplError, match=r"^r0/gamma: refused while waiting for it to stream: "
+                                        r"refused: SPLIT_BRAIN; the copies diverged: `repctl "
+                                        r"resolve r0 --discard-local` on the node"):
+        follow.wait_streaming(lambda: split, "r0", sleep=lambda s: pytest.fail("it waited"))
+    # BUSY may be the target not yet seeing its last connection end: waited out a while
+    busy = target_doc("connecting", connection="refused: BUSY", last_error=(
+        "peer refused the connection (BUSY): resource r0 on gamma is already connected to its "
+        "primary beta"))
+    docs = iter([busy] * 5 + [target_doc("syncing", sync=SYNCING), busy, busy,
+                              target_doc("streaming")])
+    assert follow.wait_streaming(lambda: next(docs), "r0", clock=lambda: now[0], sleep=sleep,
+                                 interval=1) == ["gamma"]
+    now[0] = 0.0
+    with pytest.raises(ReplError, match=r"already connected to its primary beta; the target is "
+                                        r"connected to another primary"):
+        follow.wait_streaming(lambda: busy, "r0", clock=lambda: now[0], sleep=sleep, interval=1)
+    assert now[0] == follow.BUSY_GRACE
+    # an unknown reason still fails, with the daemon's text
+    odd = target_doc("connecting", connection="refused: 42", last_error="refused for 42")
+    with pytest.raises(ReplError, match=r"refused for 42; fix what the text says"):
+        follow.wait_streaming(lambda: odd, "r0", sleep=lambda s: None)
+
+
 def test_timeout_without_wait_is_a_usage_error(
     config: Path, server: ControlServer, daemon: FakeDaemon
 ) -> None:
@@ -608,6 +821,64 @@ def test_render_progress_bars() -> None:
                                                                  "sync": SYNCING})}))
     line = con.file.getvalue()  # type: ignore[attr-defined]
     assert line.startswith("r0/gamma ") and " 25.0% syncing 1.0 GiB of 4.0 GiB" in line
+
+
+def test_verify_ctrl_c_cancels_it_in_the_daemon(
+    config: Path, server: ControlServer, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_verify_call", interrupted)
+    result = run(config, "verify", "r0", "beta", "--json")
+    assert result.exit_code == cli.EXIT_INTERRUPTED == 130
+    assert daemon.calls == [("cancel_verify", {"resource": "r0", "target": "beta"})]
+    assert result.stdout == ""
+    assert result.stderr == "r0/beta: verify cancelled\n"
+    # it had ended meanwhile, or the daemon cannot cancel: say so
+    daemon.fail["cancel_verify"] = ReplError("r0/beta: no verify is running")
+    result = run(config, "verify", "r0", "beta")
+    assert result.exit_code == 130
+    assert result.stderr == (
+        "repctl: error: r0/beta: interrupted, but the verify could not be cancelled: r0/beta: "
+        "no verify is running (repctl status r0 shows whether it still runs)\n")
+
+
+#: Runs the CLI as the `repctl` script does, with Ctrl-C raising KeyboardInterrupt even if
+#: this process was started with SIGINT ignored (a background job).
+DRIVER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "sys.argv = ['repctl', *sys.argv[1:]]; from repctl.cli import app; app()")
+
+
+def test_verify_ctrl_c_stops_both_sides(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
+    """A real SIGINT to a real `repctl verify`: the daemon's verify ends, the CLI exits 130."""
+    started, ended = threading.Event(), threading.Event()
+
+    def until_cancelled() -> None:
+        started.set()
+        try:
+            if daemon.cancelled.wait(30):
+                raise ReplError("r0/beta: verify cancelled")
+        finally:
+            ended.set()
+
+    daemon.verify_hook = until_cancelled
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "-c", str(config), "verify", "r0",
+                             "beta"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert started.wait(60), "the CLI never asked for the verify"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err == "r0/beta: verify cancelled\n" and out == ""
+    assert ended.wait(10), "the daemon's verify stopped"
+    assert daemon.calls == [("cancel_verify", {"resource": "r0", "target": "beta"})]
 
 
 def test_status_shows_a_running_verify(

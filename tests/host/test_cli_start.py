@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,10 +24,11 @@ from typing import Any
 import pytest
 from repctl.control import ControlServer
 
-#: Modules no short command needs: the metadata code and its C parser, the daemon's service.
-NEVER = {"cffi", "pycparser", "repctl.uapi", "repctl.metadata",
-         *(f"repctl.daemon.{m}" for m in ("events", "base", "verify", "link", "source",
-                                            "target", "failover", "service"))}
+#: Modules no short command needs: the metadata code and its C parser, the daemon's service,
+#: the metrics endpoint and its library.
+NEVER = {"cffi", "pycparser", "repctl.uapi", "repctl.metadata", "prometheus_client",
+         *(f"repctl.daemon.{m}" for m in ("events", "stats", "base", "verify", "link", "source",
+                                            "target", "failover", "metrics", "service"))}
 
 #: The configuration parser; a command that asks the daemon needs it for the socket's path.
 YAML = {"yaml"}
@@ -45,7 +47,8 @@ STATUS: dict[str, Any] = {
 
 #: Runs the CLI as the `repctl` script does, and writes sys.modules to argv[1] at exit.
 DRIVER = textwrap.dedent("""\
-    import atexit, sys
+    import atexit, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even in a background job
     out, sys.argv = sys.argv[1], ["repctl", *sys.argv[2:]]
     def dump():
         with open(out, "w") as f:
@@ -103,6 +106,27 @@ def modules_of(tmp_path: Path, *argv: str, config: Path | None = None) -> tuple[
     return set(out.read_text().split()), done.stdout
 
 
+def modules_after_ctrl_c(tmp_path: Path, *argv: str, config: Path) -> tuple[set[str], str, str]:
+    """As `modules_of`, for a command that runs until Ctrl-C: SIGINT once it printed two lines.
+    Returns the modules, stdout and stderr; the command must have exited 0."""
+    out = tmp_path / "modules"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["REPCTL_CONFIG"] = str(config)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline() + proc.stdout.readline()  # blocks until it printed
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    return set(out.read_text().split()), first + rest, err
+
+
 def loaded(modules: set[str], forbidden: set[str]) -> list[str]:
     """The modules of `modules` that are, or are inside, one of `forbidden`."""
     return sorted(m for m in modules if m in forbidden or m.split(".")[0] in forbidden)
@@ -129,6 +153,29 @@ def test_status_table_loads_rich_but_not_the_daemon(tmp_path: Path, config: Path
     assert "beta" in printed and "streaming" in printed
     assert loaded(modules, NEVER) == []
     assert "rich.table" in modules
+
+
+def test_status_table_loads_no_live_display(tmp_path: Path, config: Path) -> None:
+    modules, _ = modules_of(tmp_path, "status", config=config)
+    assert loaded(modules, {"rich.live", "rich.progress_bar"}) == []
+
+
+def test_status_watch_json_loads_no_rich_and_stops_on_ctrl_c(
+    tmp_path: Path, config: Path
+) -> None:
+    modules, printed, err = modules_after_ctrl_c(tmp_path, "status", "--watch", "--json",
+                                                 "--interval", "0.2", config=config)
+    docs = [json.loads(line) for line in printed.splitlines()]
+    assert len(docs) >= 2 and all(d == STATUS for d in docs)
+    assert err == ""
+    assert loaded(modules, NEVER | RICH) == []
+
+
+def test_status_watch_in_a_pipe_stops_on_ctrl_c(tmp_path: Path, config: Path) -> None:
+    modules, printed, err = modules_after_ctrl_c(tmp_path, "status", "--watch", "-i", "0.2",
+                                                 config=config)
+    assert "\x1b" not in printed and "repctl on alpha" in printed and err == ""
+    assert loaded(modules, NEVER | {"rich.live"}) == []  # no live display without a terminal
 
 
 def test_help_reads_no_configuration(tmp_path: Path) -> None:

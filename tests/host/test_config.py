@@ -224,7 +224,7 @@ CASES = [
      f"{R0}.nodes.be ta", "a node name"),
     ("bad resource name", _set("resources.r/0", {}), "resources.r/0", "a resource name"),
     ("global not a mapping", _set("global", ["x"]), "global",
-     "a mapping with keys control_socket, state_dir, secret_file, got a list"),
+     "a mapping with keys control_socket, state_dir, secret_file, metrics, got a list"),
     # A node's metadata is never its data device: create-md --force would format the data.
     ("metadata is the device", _set(f"{R0}.nodes.beta.metadata", "/dev/vg0/data"),
      f"{R0}.nodes.beta.metadata", ("expected a metadata device other than the node's data device "
@@ -371,6 +371,22 @@ CASES = [
     ("same unit twice", _set(f"{R0}.actions", [{"service": "a.service"}, {"service": "b.service"},
                                                {"service": "a.service"}]),
      f"{R0}.actions.2.service", "(item 0 has it), got 'a.service'"),
+    # global.metrics: a port (loopback) or HOST:PORT, docs/metrics.md
+    ("metrics port range", _set("global.metrics", 80), "global.metrics",
+     "with a port from 1024 to 65535; or off, got 80"),
+    ("metrics port too big", _set("global.metrics", "127.0.0.1:70000"), "global.metrics",
+     "got '127.0.0.1:70000'"),
+    ("metrics without port", _set("global.metrics", "127.0.0.1"), "global.metrics",
+     "HOST:PORT, such as 9942"),
+    ("metrics bad host", _set("global.metrics", "10.0.0.256:9942"), "global.metrics",
+     "got '10.0.0.256:9942'"),
+    ("metrics v6 without brackets", _set("global.metrics", "::1:9942"), "global.metrics",
+     "got '::1:9942'"),
+    ("metrics brackets around v4", _set("global.metrics", "[127.0.0.1]:9942"), "global.metrics",
+     "got '[127.0.0.1]:9942'"),
+    ("metrics true", _set("global.metrics", True), "global.metrics", "got True"),
+    ("metrics a word", _set("global.metrics", "on"), "global.metrics", "got 'on'"),
+    ("metrics a list", _set("global.metrics", [9942]), "global.metrics", "got a list"),
 ]  # fmt: skip
 
 
@@ -387,6 +403,37 @@ def test_each_defect_names_file_key_and_expectation(tmp_path, change, key, text)
     assert error.line is not None and re.match(
         rf"{re.escape(str(tmp_path))}/repctl.yaml:\d+: ", str(error)
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        (None, None),
+        (False, None),  # YAML's bare off
+        (9942, ("127.0.0.1", 9942)),  # a bare port: loopback only
+        ("9942", ("127.0.0.1", 9942)),
+        ("127.0.0.1:9942", ("127.0.0.1", 9942)),
+        ("0.0.0.0:9100", ("0.0.0.0", 9100)),
+        ("10.0.0.1:9942", ("10.0.0.1", 9942)),
+        ("[::1]:9942", ("::1", 9942)),
+        ("[fd00:0::2]:9942", ("fd00::2", 9942)),  # normalised, as node addresses are
+        ("mon.example.com:9942", ("mon.example.com", 9942)),
+    ],
+)
+def test_metrics_address(tmp_path, value, address):
+    data = copy.deepcopy(VALID)
+    data["global"]["metrics"] = value
+    cfg = c.load_config(write(tmp_path, data))
+    assert cfg.global_.metrics == address
+    again = c.parse_config(cfg.dump())
+    assert again == cfg and again.global_.metrics == address
+    assert ("metrics" in cfg.to_dict()["global"]) is (address is not None)
+
+
+def test_metrics_off_is_the_default_and_bare_off_reads_as_off(tmp_path):
+    assert c.parse_config(yaml.safe_dump(VALID)).global_.metrics is None
+    text = yaml.safe_dump(VALID).replace("global:\n", "global:\n  metrics: off\n", 1)
+    assert c.parse_config(text).global_.metrics is None
 
 
 def test_port_unique_across_resources(tmp_path):

@@ -229,8 +229,26 @@ def test_missing_socket_gives_the_clear_message(sockdir: Path) -> None:
         ControlClient(path, 1).call("status")
     assert str(exc.value) == (
         f"cannot reach the repctl daemon at {path}: no such socket "
-        "(is it running? systemctl status repctl)"
+        "(is it running? systemctl status repctl; start it: systemctl start repctl)"
     )
+
+
+def test_permission_denied_says_to_run_as_root(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tests run as root, which no mode keeps out: the refusal is the kernel's EACCES."""
+
+    def connect(self: socket.socket, address: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    path = sockdir / "repctl.sock"
+    with pytest.raises(ReplError) as exc:
+        ControlClient(path, 1).call("status")
+    assert str(exc.value) == (
+        f"cannot reach the repctl daemon at {path}: permission denied: the control socket is "
+        "root's only (run repctl as root: sudo repctl ...)"
+    )  # and not "is it running?": it is
 
 
 def test_refused_socket_gives_the_clear_message(sockdir: Path) -> None:

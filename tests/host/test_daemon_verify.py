@@ -251,3 +251,94 @@ def test_a_resync_by_checksums_sends_only_the_differing_chunks(
     assert [(m.chunk, len(m.data)) for m in chunks] == [(5, CHUNK), (4200, CHUNK), (8200, CHUNK)]
     assert compared == (256 + 256 + NR_CHUNKS - 8192) * CHUNK
     assert link.bytes_sent == 3 * CHUNK
+
+
+def test_cancel_stops_the_verify_at_the_next_chunk_boundary(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    """`repctl verify` on Ctrl-C sends cancel_verify: the daemon takes the answer to the request
+    in flight (nothing stale is left for the next verify), sends no other, runs no hook, and
+    answers once the verify has stopped."""
+    res, target = source
+    res.cfg = dataclasses.replace(res.cfg, hooks={HookEvent.OUT_OF_SYNC: (("/usr/bin/notify",),)})
+    res.daemon.executor = Executor(dry_run=True)
+    daemon = res.daemon
+    daemon.resources["r0"] = res  # as if up: the control socket's path goes through the Daemon
+    outcome: dict[str, Any] = {}
+
+    def verify() -> None:
+        try:
+            outcome["result"] = daemon.verify("r0", "beta")
+        except ReplError as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=verify, daemon=True)
+    worker.start()
+    wait_until(lambda: len(target.requests) == 1, "the first checksum request")
+    answer: dict[str, str] = {}
+    canceller = threading.Thread(
+        target=lambda: answer.update(text=daemon.cancel_verify("r0", "beta")), daemon=True)
+    canceller.start()
+    wait_until(lambda: res.verifying["beta"].cancelled.is_set(), "the cancel request")
+    time.sleep(0.1)
+    assert canceller.is_alive(), "the answer waits until the verify has stopped"
+    assert verify_of(res) is not None
+    target.allow.put(None)  # the answer to the request in flight (it has chunk 5, differing)
+    canceller.join(10)
+    worker.join(10)
+    assert not worker.is_alive() and not canceller.is_alive()
+    assert answer["text"] == "r0/beta: verify cancelled"
+    assert str(outcome["error"]) == "r0/beta: verify cancelled" and "result" not in outcome
+    assert len(target.requests) == 1, "no request after the cancel"
+    assert res.link("beta").csum_replies.empty()
+    assert verify_of(res) is None
+    assert res.daemon.executor.planned == [], "a cancelled verify runs no out-of-sync hook"
+    with pytest.raises(ReplError, match=r"^r0/beta: no verify is running$"):
+        daemon.cancel_verify("r0", "beta")
+    with pytest.raises(ReplError, match=r"has no target 'delta' \(targets: beta\)"):
+        daemon.cancel_verify("r0", "delta")
+    # and the next verify runs whole
+    for _ in range(3 + len(BAD)):
+        target.allow.put(None)
+    assert daemon.verify("r0", "beta")["differing"] == sorted(BAD)
+
+
+def test_a_cancel_during_the_pause_between_passes(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, target = source
+    for _ in range(3):  # pass 1 only
+        target.allow.put(None)
+    outcome: dict[str, Any] = {}
+
+    def verify() -> None:
+        try:
+            outcome["result"] = res.verify("beta")
+        except ReplError as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=verify, daemon=True)
+    worker.start()
+    wait_until(lambda: len(target.requests) == 3 and verify_of(res)["done_chunks"] == NR_CHUNKS,
+               "the end of pass 1")
+    started = time.monotonic()
+    assert res.cancel_verify("beta") == "r0/beta: verify cancelled"
+    assert time.monotonic() - started < 0.4, "the pause between the passes is cut short"
+    worker.join(10)
+    assert str(outcome["error"]) == "r0/beta: verify cancelled"
+    assert len(target.requests) == 3, "pass 2 never started"
+
+
+def test_the_status_document_is_versioned_and_an_unknown_resource_explained(
+    source: tuple[SourceResource, FakeTarget],
+) -> None:
+    res, _ = source
+    daemon = res.daemon
+    assert daemon.status() == {"version": 1, "node": "alpha", "resources": []}
+    daemon.resources["r0"] = res
+    doc = daemon.status()
+    assert doc["version"] == 1 and [r["name"] for r in doc["resources"]] == ["r0"]
+    with pytest.raises(ReplError) as exc:
+        daemon.pause("nope")
+    assert str(exc.value) == (f"unknown resource 'nope': {daemon.config.file} has r0; check "
+                              "the name (`repctl status` lists those up on this node)")

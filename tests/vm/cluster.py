@@ -29,13 +29,14 @@ def write_secret(path: Path) -> Path:
 
 def config_text(node: str, nodes: dict[str, dict], targets: dict[str, str], *, source: str = "alpha",
                 port: int = 7789, root: Path = ROOT, secret: Path | None = None, name: str = "r0",
-                extra: str = "", sync_timeout: str = "3s") -> str:
+                extra: str = "", sync_timeout: str = "3s", metrics: int | None = None) -> str:
     secret = secret or write_secret(root / "secret")
     lines = [
         "global:",
         f"  control_socket: {root / node / 'repctl.sock'}",
         f"  state_dir: {root / node / 'state'}",
         f"  secret_file: {secret}",
+        *([f"  metrics: {metrics}"] if metrics is not None else []),  # 127.0.0.1:PORT
         "resources:",
         f"  {name}:",
         f"    port: {port}",

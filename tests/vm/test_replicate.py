@@ -28,6 +28,7 @@ REPCTL = [str(REPO / ".venv" / "bin" / "repctl")]
 RESULTS = Path(os.environ.get("REPCTL_VM_RESULTS", "/tmp"))
 SIZE_MB = 64
 CHUNK = 4096
+METRICS = 9942  # every daemon serves its metrics on 127.0.0.1:9942 of its own namespace
 
 NODES = {
     "alpha": ("rp-alpha", None),
@@ -95,7 +96,7 @@ class Cluster:
             (ROOT / node).mkdir(parents=True, exist_ok=True)
             path = ROOT / node / "repctl.yaml"
             path.write_text(config_text(node, self.nodes, {"beta": "sync", "gamma": "async"},
-                                        secret=self.secret))
+                                        secret=self.secret, metrics=METRICS))
             self.cfg[node] = path
         self.dev = "/dev/mapper/r0"
         cleanup.add("daemons", self.stop_all)
@@ -296,6 +297,104 @@ def test_sync_target_has_the_write_when_it_completes(cluster):
         assert direct_read(c.beta_dev, off, CHUNK) == data, f"write {i} not on beta at completion"
 
 
+def scrape(node: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The metrics `node`'s daemon serves, read from inside its namespace: (name, labels) ->
+    value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code = ("import sys, urllib.request\n"
+            f"url = 'http://127.0.0.1:{METRICS}/metrics'\n"
+            "sys.stdout.write(urllib.request.urlopen(url, timeout=60).read().decode())\n")
+    text = sh("ip", "netns", "exec", NODES[node][0], sys.executable, "-c", code).stdout
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           default: float | None = None, **labels: str) -> float:
+    """The one sample `name` whose labels include `labels` (`default` if there is none)."""
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    if not found and default is not None:
+        return default
+    assert len(found) == 1, (name, labels, len(found))
+    return found[0]
+
+
+def test_metrics_of_the_live_daemons(cluster):
+    """docs/metrics.md on the real module and daemon processes: the primary's per-target series
+    agree with `repctl status`, a sync write is timed and counted, a forged peer is counted as
+    refused on the node that refused it."""
+    c = cluster
+    c.wait_converged()
+    status = {t["name"]: t for t in c.status()["targets"]}
+    m = scrape("alpha")
+    res = {"node": "alpha", "resource": "r0"}
+    assert metric(m, "repctl_resource_role", **res, role="primary") == 1
+    assert metric(m, "repctl_resource_failed", **res) == 0
+    assert metric(m, "repctl_resource_kernel_mode", **res, mode="streaming") == 1
+    assert metric(m, "repctl_resource_size_bytes", **res) == SIZE_MB << 20
+    assert metric(m, "repctl_resource_ring_size_bytes", **res) == 16 << 20
+    assert set(status) == {"beta", "gamma"}
+    for name, t in status.items():
+        lt = {**res, "target": name}
+        states = {dict(ls)["state"]: v for (n, ls), v in m.items()
+                  if n == "repctl_target_state" and set(lt.items()) <= ls}
+        assert states[t["state"]] == 1 and sum(states.values()) == 1, (name, states)
+        assert metric(m, "repctl_target_info", **lt, mode=t["mode"]) == 1
+        assert metric(m, "repctl_target_connected", **lt) == (t["connection"] == "connected")
+        assert metric(m, "repctl_target_out_of_sync_bytes", **lt) == 0
+        assert metric(m, "repctl_target_lag_records", **lt) == 0
+        assert metric(m, "repctl_target_sent_bytes_total", **lt) >= t["bytes_sent"] > 0
+        assert metric(m, "repctl_target_resync_sent_bytes_total", **lt) >= t["resync_bytes"]
+    assert not [k for k in m if k[0].startswith("repctl_target_sync_ack_latency")
+                and ("target", "gamma") in k[1]], "an async target has no sync-ack latency"
+    beta = {**res, "target": "beta"}
+    acks = metric(m, "repctl_target_sync_ack_latency_seconds_count", **beta)
+
+    # sync writes: each completes once beta has it durable, and is timed
+    for i in range(16):
+        direct_write(c.dev, (i * 53 + 11) * CHUNK, os.urandom(16 * CHUNK))
+    c.wait_converged()
+    after = scrape("alpha")
+    streaming = [n for n, t in status.items() if t["state"] == "streaming"]
+    assert "beta" in streaming, status
+    for name in streaming:
+        lt = {**res, "target": name}
+        assert (metric(after, "repctl_target_sent_bytes_total", **lt)
+                - metric(m, "repctl_target_sent_bytes_total", **lt)) >= 16 * 16 * CHUNK, name
+    assert metric(after, "repctl_target_sync_ack_latency_seconds_count", **beta) > acks
+    latency = (metric(after, "repctl_target_sync_ack_latency_seconds_sum", **beta)
+               - metric(m, "repctl_target_sync_ack_latency_seconds_sum", **beta))
+    assert 0 < latency < 16 * 3.0, latency  # under sync_timeout (3s) each
+    assert metric(after, "repctl_target_sync_ack_latency_seconds_bucket", **beta, le="+Inf") \
+        == metric(after, "repctl_target_sync_ack_latency_seconds_count", **beta)
+
+    # beta, a secondary: what it received; gamma counts a forged peer it refused
+    b = scrape("beta")
+    assert metric(b, "repctl_resource_role", node="beta", role="secondary") == 1
+    assert metric(b, "repctl_resource_replica_state", node="beta", state="streaming") == 1
+    assert metric(b, "repctl_resource_connected", node="beta") == 1
+    assert metric(b, "repctl_resource_received_bytes_total", node="beta") >= 16 * 16 * CHUNK
+    refused = {"node": "gamma", "reason": "auth_failed", "by": "local"}
+    before = metric(scrape("gamma"), "repctl_resource_refusals_total", 0.0, **refused)
+    code = ("import socket\n"
+            "from repctl import protocol as P\n"
+            "s = socket.create_connection(('10.77.2.2', 7789), timeout=10)\n"
+            f"info = P.HandshakeInfo('r0', 'alpha', P.Role.SOURCE, {SIZE_MB << 20}, {CHUNK}, "
+            "P.Generations(12345))\n"
+            "try:\n"
+            "    P.handshake(P.FramedConnection(s), info, b'forged-secret-0123456789',\n"
+            "                P.Expect(frozenset({'gamma'})))\n"
+            "    print('ACCEPTED')\n"
+            "except Exception as e:\n"
+            "    print('REFUSED', type(e).__name__)\n")
+    out = sh("ip", "netns", "exec", "rp-alpha", sys.executable, "-c", code).stdout
+    assert "REFUSED AuthError" in out, out
+    wait_for(lambda: metric(scrape("gamma"), "repctl_resource_refusals_total", 0.0, **refused)
+             == before + 1, 30, "gamma to count the forged peer")
+    c.wait_converged()
+
+
 def test_kill9_daemons_and_converge(cluster):
     c = cluster
     rng = random.Random(9)
@@ -370,7 +469,7 @@ def test_smaller_target_is_refused(cluster, loopdev):
     nodes = {n: dict(v) for n, v in c.nodes.items()}
     nodes["beta"]["device"] = small
     c.cfg["beta"].write_text(config_text("beta", nodes, {"beta": "sync", "gamma": "async"},
-                                         secret=c.secret))
+                                         secret=c.secret, metrics=METRICS))
     c.start("beta")
     wait_for(lambda: "smaller" in (({t["name"]: t for t in c.status()["targets"]}["beta"]
                                     .get("last_error") or "")), 60, "beta refused as too small")
@@ -379,7 +478,7 @@ def test_smaller_target_is_refused(cluster, loopdev):
     # back to its own device: it catches up with what it missed, no full sync
     c.kill("beta", signal.SIGTERM)
     c.cfg["beta"].write_text(config_text("beta", c.nodes, {"beta": "sync", "gamma": "async"},
-                                         secret=c.secret))
+                                         secret=c.secret, metrics=METRICS))
     c.start("beta")
     c.wait_converged()
     d = c.digests()

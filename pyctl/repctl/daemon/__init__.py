@@ -4,12 +4,14 @@ One module per concern, each importing only those above it in this list:
 
 * `state`: every named state, role and event kind (enums; imports nothing of the daemon);
 * `events`: the event bus behind `repctl events`;
+* `stats`: the counters the metrics need beyond `status` (ack latency, fallbacks, refusals);
 * `base`: what both sides of a resource share, and the socket and state-file helpers;
 * `verify`: the progress of a running `verify`;
 * `link`: the source's view of one target (connection, stream position, OOS bitmap);
 * `source`: a resource this node is the source of: device, engine, links;
 * `target`: a resource this node is a target of: listener, apply, acknowledge;
 * `failover`: roles and the steps of a role change (role file, probes, the returning primary);
+* `metrics`: the Prometheus endpoint (loaded only when `global.metrics` is set);
 * `service`: the `Daemon`, the service layer the control socket dispatches to.
 
 Nothing outside this package imports it but the CLI's `daemon` verb and the tests. The names

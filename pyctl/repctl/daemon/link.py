@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ ASYNC_NICE = 10          # CPU priority of an async link's thread: the applicati
 RECONNECT_DELAY = 1.0
 SPLIT_BRAIN_RETRY = 5.0  # seconds between tries while a split brain refuses (each reads a report)
 FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
+UNACKED_MAX = 4096       # sent batches a sync link times until their durable ack, at most
 
 # refusals that mean a split brain: our data and the peer's diverged, or both are primary
 SPLIT_REASONS = frozenset({P.RefuseReason.SPLIT_BRAIN, P.RefuseReason.ROLE_CONFLICT})
@@ -100,6 +102,11 @@ class Link:
         self.by_checksum = False  # this session resyncs by comparing checksums (_take_report)
         self.bytes_sent = 0
         self.resync_bytes = 0    # of bytes_sent, the chunk data sent by resyncs
+        # a sync target: how long it takes to hold records durable (the metrics' sync-ack
+        # latency); the sender appends (last seq of a batch, when sent), the receiver pops
+        self.latency = (res.daemon.stats.latency(res.name, self.name)
+                        if self.mode is TargetMode.SYNC else None)
+        self.unacked: deque[tuple[int, float]] = deque(maxlen=UNACKED_MAX)
         self.sync_total = 0
         self.sync_done = 0
         self.sync_started = 0.0
@@ -136,6 +143,8 @@ class Link:
     def set_admin(self, admin: Admin) -> None:
         self.saved["admin"] = admin
         save_json(self.state_path, self.saved)
+        if admin is Admin.UP:
+            self.refusal = None  # an old refusal is not this try's: `--wait` fails fast on one
         self.wake.set()  # the sender stops at a record boundary (_pause)
 
     def _connection(self) -> str:
@@ -290,6 +299,8 @@ class Link:
                             self.durable = max(self.durable, msg.ring_seq)
                         self.cond.notify_all()
                     self.res.engine_wake.set()
+                    if msg.durable and self.latency is not None:
+                        self._timed(msg.ring_seq)
                 elif isinstance(msg, P.Pong):
                     ev = self.pongs.pop(msg.token, None)
                     if ev:
@@ -308,6 +319,17 @@ class Link:
             self.wake.set()
             for ev in list(self.pongs.values()):
                 ev.set()
+
+    def _timed(self, seq: int) -> None:
+        """Record the sync-ack latency of every batch sent up to `seq`, now durable."""
+        assert self.latency is not None
+        now = time.monotonic()
+        unacked = self.unacked
+        try:
+            while unacked and unacked[0][0] <= seq:
+                self.latency.observe(now - unacked.popleft()[1])
+        except IndexError:  # emptied by a new connection meanwhile
+            pass
 
     def _run(self) -> None:
         """The link's thread: a bug in it fails this target (state `failed`, retried every
@@ -342,6 +364,8 @@ class Link:
             except (OSError, ReplError) as e:
                 self.last_error = str(e)
                 refusal = e if isinstance(e, HandshakeRefused) else None
+                if refusal is not None:
+                    self.res.daemon.stats.refusal(self.res.name, refusal)
                 if refusal is not None and refusal.reason in SPLIT_REASONS and (
                         self.refusal is None or self.refusal.reason != refusal.reason):
                     self.res.split_brain(self.name, str(refusal))
@@ -355,6 +379,7 @@ class Link:
             self.last_error = None
             self.refusal = None
             self.sent_max = 0
+            self.unacked.clear()
             self.conn = conn
             threading.Thread(target=self._receiver, args=(conn,), daemon=True,
                              name=f"recv-{self.res.name}-{self.name}").start()
@@ -530,6 +555,8 @@ class Link:
             seq += 1
         if frames:
             self.sent_max = seq - 1  # before: the target may ack the first frames at once
+            if self.latency is not None:
+                self.unacked.append((seq - 1, time.monotonic()))
             conn.send_batch(frames)
             self.bytes_sent += size
             self.pos = seq

@@ -10,7 +10,7 @@ import queue
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repctl import dm, metadata
 from repctl import protocol as P
@@ -30,10 +30,14 @@ from repctl.daemon.failover import (
 from repctl.daemon.link import Link
 from repctl.daemon.source import SourceResource, check_generation, mapping_of
 from repctl.daemon.state import Admin, DiskState, Event, LinkState, Role, transition_refusal
+from repctl.daemon.stats import Stats
 from repctl.daemon.target import TargetResource
 from repctl.errors import ReplError
 from repctl.hooks import Executor, HookEvent, apply_actions, run_hooks, undo_actions
 from repctl.statefile import StateError, load_json, save_json
+
+if TYPE_CHECKING:
+    from repctl.daemon.metrics import MetricsServer
 
 log = logging.getLogger("repctl.daemon")
 
@@ -41,6 +45,9 @@ __all__ = ["Daemon"]
 
 DRAIN_TIMEOUT = 60.0  # seconds a demote waits for the targets in session to hold every write
 BUSY_RETRIES = 3  # a peer connected to a primary is asked again this often, a second apart
+#: The status document's schema version (docs/cli.md): fields are only added within a version;
+#: a field renamed, removed or changed in meaning or unit gets a new version.
+STATUS_VERSION = 1
 
 
 class Daemon:
@@ -55,6 +62,8 @@ class Daemon:
         self.node = self._find_node(config, node)
         self.resources: dict[str, SourceResource | TargetResource] = {}
         self.failed: dict[str, str] = {}  # resources that could not come up, and why
+        self.stats = Stats()  # what the metrics count beyond `status` (stats.py)
+        self.metrics: MetricsServer | None = None  # serving while `global.metrics` is set
 
     @staticmethod
     def _find_node(config: Config, node: str | None) -> str:
@@ -160,6 +169,9 @@ class Daemon:
             log.error("%s: %s", cfg.name, e)
 
     def start(self) -> None:
+        """Serve the metrics (if configured: ReplError, nothing started, if they cannot be),
+        then bring up every resource of this node."""
+        self.start_metrics()
         for name, cfg in self.config.resources.items():
             if self.node in cfg.nodes:
                 try:
@@ -175,11 +187,34 @@ class Daemon:
         for res in list(self.resources.values()):
             res.stop()
         self.resources.clear()
+        self.stop_metrics()
+
+    def start_metrics(self) -> None:
+        """Serve Prometheus metrics on `global.metrics` (docs/metrics.md); nothing if unset.
+        prometheus_client is loaded here only: a daemon without metrics never imports it."""
+        address = self.config.global_.metrics
+        if address is None or self.metrics is not None:
+            return
+        try:
+            from repctl.daemon.metrics import MetricsServer
+        except ImportError as e:
+            raise ReplError(f"global.metrics is set in {self.config.file} but the metrics "
+                            f"cannot be loaded: {e} (is prometheus-client installed?)") from None
+        server = MetricsServer(self, address)
+        server.start()
+        self.metrics = server
+
+    def stop_metrics(self) -> None:
+        server, self.metrics = self.metrics, None
+        if server is not None:
+            server.stop()
 
     # -- commands ------------------------------------------------------
     def _res(self, name: str) -> SourceResource | TargetResource:
         if name not in self.config.resources:
-            raise ReplError(f"unknown resource {name!r}")
+            raise ReplError(f"unknown resource {name!r}: {self.config.file} has "
+                            f"{', '.join(self.config.resources) or 'none'}; check the name "
+                            "(`repctl status` lists those up on this node)")
         try:
             return self.resources[name]
         except KeyError:
@@ -424,11 +459,17 @@ class Daemon:
     def verify(self, resource: str, target: str) -> dict[str, Any]:
         return self._source(resource).verify(target)
 
+    def cancel_verify(self, resource: str, target: str) -> str:
+        return self._source(resource).cancel_verify(target)
+
     def status(self) -> dict[str, Any]:
         failed = [{"name": name, "role": self._role(name), "state": LinkState.FAILED,
                    "last_error": why,
-                   "targets": []} for name, why in self.failed.items() if name not in self.resources]
-        return {"node": self.node, "resources": [r.status() for r in self.resources.values()] + failed}
+                   "targets": []} for name, why in list(self.failed.items())
+                  if name not in self.resources]
+        # copies: a scrape or a control-socket status may run while `up` or `down` changes them
+        return {"version": STATUS_VERSION, "node": self.node,
+                "resources": [r.status() for r in list(self.resources.values())] + failed}
 
     def _role(self, name: str) -> Role:
         return load_role(self.state_dir / name, self.config.resource(name), self.node)

@@ -248,8 +248,10 @@ class SourceResource(ResourceBase):
             P.handshake(conn, local, self.secret,
                         P.Expect(frozenset(self.links), refuse))
         except HandshakeRefused as e:
+            self.daemon.stats.refusal(self.name, e)
             log.info("%s: told %s that this node is the primary (%s)", self.name, peer[0], e)
         except (OSError, ReplError) as e:
+            self.daemon.stats.handshake_failed(self.name, e)
             log.info("%s: connection from %s: %s", self.name, peer[0], e)
         except Exception:
             log.exception("%s: connection from %s: internal error", self.name, peer[0])
@@ -351,6 +353,7 @@ class SourceResource(ResourceBase):
             # bitmap into its own, and a new ring starts
             if st.reason not in ("no_consumer", "detached") or st.stream_start:
                 self.events.emit(resource=self.name, what=Event.FELL_BEHIND, text=st.reason)
+                self.daemon.stats.fell_behind(self.name, st.reason)
             with self.lock:
                 for link in links:
                     link.joined = False
@@ -405,6 +408,7 @@ class SourceResource(ResourceBase):
                             st.ring_used, l.max_lag)
                 with self.lock:
                     l.joined = False
+                self.daemon.stats.target_fell_behind(self.name, l.name)
                 self._quiesce(l)  # its records in flight are sent before others may ack past them
                 self.join(l)
                 l.wake.set()
@@ -486,7 +490,8 @@ class SourceResource(ResourceBase):
         link = self.link(target)
         conn = link.conn
         if conn is None or link.state is not LinkState.STREAMING:
-            raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot verify now")
+            raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot verify "
+                            f"now; run it once `repctl status {self.name}` shows it streaming")
         progress = VerifyProgress(self.nr_chunks, self.chunk_bytes)
         if self.verifying.setdefault(target, progress) is not progress:
             # two verifies would take each other's checksum replies
@@ -495,11 +500,12 @@ class SourceResource(ResourceBase):
         try:
             differing = self._compare(link, conn, range(self.nr_chunks), progress)
             if differing:
-                time.sleep(0.5)  # writes in flight during the first pass settle
+                progress.cancelled.wait(0.5)  # writes in flight during the first pass settle
                 progress.begin(2, len(differing))
                 differing = self._compare(link, conn, sorted(differing), progress)
         finally:
             del self.verifying[target]
+            progress.finished.set()
         if differing:
             try:
                 run_hooks(self.cfg, HookEvent.OUT_OF_SYNC, node=self.node, peer=target,
@@ -509,6 +515,20 @@ class SourceResource(ResourceBase):
                 log.error("%s: %s", self.name, e)
         return {"resource": self.name, "target": target, "chunks": self.nr_chunks,
                 "chunk_size": self.chunk_bytes, "differing": sorted(differing)}
+
+    def cancel_verify(self, target: str, wait: float = 30.0) -> str:
+        """Stop the running verify of `target` at its next chunk boundary (after the answer to
+        the checksum request in flight: the target keeps no verify state, nothing is left
+        behind there). Returns once it has stopped, or after `wait` seconds."""
+        self.link(target)  # ReplError for an unknown target
+        progress = self.verifying.get(target)
+        if progress is None:
+            raise ReplError(f"{self.name}/{target}: no verify is running")
+        progress.cancelled.set()
+        if progress.finished.wait(wait):
+            return f"{self.name}/{target}: verify cancelled"
+        return (f"{self.name}/{target}: verify cancelling: it stops after the checksum request "
+                "in flight")
 
     def _compare(self, link: Link, conn: P.FramedConnection, chunks: range | list[int],
                  progress: VerifyProgress | None = None) -> set[int]:
@@ -531,6 +551,8 @@ class SourceResource(ResourceBase):
         step = max(1, min(4096, P.MAX_CSUM_BYTES // self.chunk_bytes))
         i = 0
         while i < len(chunk_list):
+            if progress is not None:  # a chunk boundary: stop here if cancelled
+                progress.check_cancelled(f"{self.name}/{link.name}")
             first = chunk_list[i]
             count = 1
             while (i + count < len(chunk_list) and count < step

@@ -130,6 +130,7 @@ class TargetResource(ResourceBase):
         connection, and the listener, go on."""
         conn = P.FramedConnection(sock)
         claimed = False
+        shaken = False  # the handshake succeeded
 
         def claim(info: P.PeerInfo) -> None:
             nonlocal claimed
@@ -148,13 +149,17 @@ class TargetResource(ResourceBase):
                                    P.Expect(frozenset(self.cfg.targets_for(self.node)), claim))
             finally:
                 self.listener.handshake_over()
+            shaken = True
             self.last_error = None
             self._report_out_of_sync(conn, info)
             self._serve(conn, info)
         except HandshakeRefused as e:
+            self.daemon.stats.refusal(self.name, e)
             self.last_error = f"refused {peer[0]}: {e}"
             log.warning("%s: refused connection from %s: %s", self.name, peer[0], e)
         except (OSError, ReplError) as e:
+            if not shaken:
+                self.daemon.stats.handshake_failed(self.name, e)
             self.last_error = f"connection from {peer[0]}: {e}"
             log.warning("%s: connection from %s: %s", self.name, peer[0], e)
         except Exception as e:  # a bug: this connection ends, the listener and the rest go on

@@ -6,7 +6,13 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["VerifyProgress"]
+from repctl.errors import ReplError
+
+__all__ = ["VerifyCancelled", "VerifyProgress"]
+
+
+class VerifyCancelled(ReplError):
+    """The administrator cancelled the verify (Ctrl-C on `repctl verify`)."""
 
 
 class VerifyProgress:
@@ -19,12 +25,19 @@ class VerifyProgress:
         self._lock = threading.Lock()
         self.started = time.time()
         self.chunk_bytes = chunk_bytes
+        self.cancelled = threading.Event()  # set by `cancel_verify`: stop at a chunk boundary
+        self.finished = threading.Event()   # set once the verify has returned or raised
         self.begin(1, total)
 
     def begin(self, pass_no: int, total: int) -> None:
         with self._lock:
             self.pass_no, self.total, self.done, self.differing = pass_no, total, 0, 0
             self._t0 = time.monotonic()
+
+    def check_cancelled(self, where: str) -> None:
+        """Raise VerifyCancelled if `cancel_verify` asked this verify to stop."""
+        if self.cancelled.is_set():
+            raise VerifyCancelled(f"{where}: verify cancelled")
 
     def advance(self, chunks: int, differing: int) -> None:
         with self._lock:

@@ -4,6 +4,8 @@ Every file under the state folder (a target's ``.json`` and ``.oos``, ``generati
 ``target.json``) is replaced atomically: written to a temporary file of its own, unique to this
 write, fsynced, renamed over the old one, and the folder fsynced, so that after a power cut the
 file is either the old or the new content, never a mix, never missing, and never another file's.
+The one exception: once an ``.oos`` file exists, repctl.oos updates its changed pages in place
+(its module docstring says why a mix of old and new pages is safe for a bitmap).
 
 A file that exists but cannot be read back (not JSON, wrong shape, wrong size) is a
 ``StateError`` naming the file and what to do: the caller decides the safe fallback (for a
@@ -37,6 +39,13 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     Safe to call concurrently for different files of the same folder, and for the same file
     (the last rename wins; each writer's temporary file is its own).
     """
+    os.close(atomic_write_open(path, data, mode))
+
+
+def atomic_write_open(path: Path, data: bytes, mode: int = 0o600) -> int:
+    """As atomic_write, and return the new file open for reading and writing: a descriptor of
+    the very file that was renamed into place, for a caller that updates it in place later
+    (repctl.oos). The caller closes it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
@@ -45,14 +54,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        finally:
+            os.replace(tmp, path)
+        except BaseException:
             os.close(fd)
-        os.replace(tmp, path)
+            raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(folder: Path) -> None:
@@ -99,5 +114,5 @@ def remove_stale_temporaries(folder: Path) -> None:
             tmp.unlink()
 
 
-__all__ = ["StateError", "atomic_write", "fsync_dir", "load_json", "save_json",
-           "remove_stale_temporaries"]
+__all__ = ["StateError", "atomic_write", "atomic_write_open", "fsync_dir", "load_json",
+           "remove_stale_temporaries", "save_json"]

@@ -169,6 +169,7 @@ class SourceResource(ResourceBase):
             self._final_clean()
         for link in self.links.values():
             link.oos.save()
+            link.oos.close()  # a later save (a link thread still ending) rewrites it whole
         if self.read_fd >= 0:
             os.close(self.read_fd)
             self.read_fd = -1

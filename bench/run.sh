@@ -10,7 +10,8 @@
 #   bench/replicate_bench.py     a source and a target daemon in two network namespaces:
 #                                initial sync against a raw socket copy, streaming against
 #                                dm-linear (ram0-ram3), docs/benchmarks-replication.md
-#   bench/frame_bench.py         the per-frame MAC against crc-only frames over a socketpair
+#   bench/frame_bench.py         the per-frame MAC against crc-only frames over a socketpair,
+#                                and the MAC inside TLS 1.3 (if the openssl command is there)
 #                                (with --replicate-only too)
 #   bench/cli_bench.py           how long repctl takes to start (--help, status) (with
 #                                --replicate-only too), docs/benchmarks.md "CLI start"

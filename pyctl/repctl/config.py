@@ -5,7 +5,7 @@
 run on a configuration that failed to load. The schema is declared as data (the ``_*_KEYS`` tables
 below, one per mapping); cross-key rules (the source is a node, targets are nodes other than the
 source, ports are unique, a node's devices are distinct, a fenced resource has a fence-peer hook,
-...) are checked after every key parsed. docs/config.md documents every key.
+TLS on every node of a resource or on none, ...) are checked after every key parsed. docs/config.md documents every key.
 """
 
 from __future__ import annotations
@@ -140,6 +140,16 @@ Action = MountAction | AddressAction | ServiceAction
 
 
 @dataclass(frozen=True)
+class TLSFiles:
+    """The PEM files of a node's TLS (docs/config.md, `tls`): its certificate, its private key,
+    and the CA certificate(s) that a peer's certificate must be signed by."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
 class GlobalConfig:
     """Settings shared by every resource of this file."""
 
@@ -148,6 +158,8 @@ class GlobalConfig:
     secret_file: Path
     # where `repctl daemon` serves Prometheus metrics, (host, port); None: not served
     metrics: tuple[str, int] | None = None
+    # TLS between the nodes, for every node that does not name its own; None: plain TCP
+    tls: TLSFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,7 @@ class Node:
     address: str  # IP literal (normalised) or host name
     device: Path
     metadata: Path | None  # required on the source; a target without one cannot become the source
+    tls: TLSFiles | None = None  # the node's own `tls`, or the global one; None: plain TCP
 
 
 @dataclass(frozen=True)
@@ -305,6 +318,7 @@ class Config:
                     "address": n.address,
                     "device": str(n.device),
                     **({"metadata": str(n.metadata)} if n.metadata is not None else {}),
+                    **({"tls": _tls_dict(n.tls)} if n.tls is not None and n.tls != g.tls else {}),
                 }
                 for n in r.nodes.values()
             }
@@ -337,6 +351,8 @@ class Config:
         }
         if g.metrics is not None:
             glob["metrics"] = format_host_port(*g.metrics)
+        if g.tls is not None:
+            glob["tls"] = _tls_dict(g.tls)
         return {"global": glob, "resources": resources}
 
     def dump(self) -> str:
@@ -345,6 +361,10 @@ class Config:
 
         text: str = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
         return text
+
+
+def _tls_dict(tls: TLSFiles) -> dict[str, str]:
+    return {"cert": str(tls.cert), "key": str(tls.key), "ca": str(tls.ca)}
 
 
 def _action_dict(action: Action) -> dict[str, Any]:
@@ -593,6 +613,37 @@ def _abs_path(value: object) -> Path:
     return Path(value)
 
 
+_TLS_FILES = {
+    "cert": "the absolute path of this node's certificate (PEM)",
+    "key": "the absolute path of its private key (PEM, not encrypted)",
+    "ca": "the absolute path of the CA certificate(s) that signed the nodes' certificates (PEM)",
+}
+
+
+def _tls(value: object) -> TLSFiles | None:
+    """`tls`: nothing (plain TCP), or the three PEM files. Whether they can be read, and whether
+    the key is the certificate's, is checked where they are used (repctl.tls, at `up`): the file
+    is the same on every node, and each node holds its own files only."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid(f"a mapping with the keys {', '.join(_TLS_FILES)}")
+    for k in value:
+        if k not in _TLS_FILES:
+            hint = difflib.get_close_matches(str(k), _TLS_FILES, n=1)
+            got = f"unknown key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            raise _Invalid(f"one of the keys {', '.join(_TLS_FILES)}", got, at=(str(k),))
+    paths = {}
+    for k, expected in _TLS_FILES.items():
+        if k not in value:
+            raise _Invalid(f"the required key {k!r} ({expected})", "nothing", at=(k,))
+        try:
+            paths[k] = _abs_path(value[k])
+        except _Invalid:
+            raise _Invalid(expected, _show(value[k]), at=(k,)) from None
+    return TLSFiles(**paths)
+
+
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -767,6 +818,7 @@ _GLOBAL_KEYS = {
     "state_dir": _Key(_abs_path, Path("/var/lib/repctl")),
     "secret_file": _Key(_abs_path, Path("/etc/repctl/secret")),
     "metrics": _Key(_metrics, None),
+    "tls": _Key(_tls, None),
 }
 
 _RESOURCE_KEYS = {
@@ -815,6 +867,7 @@ _NODE_KEYS = {
     "address": _Key(_address),
     "device": _Key(_abs_path),
     "metadata": _Key(_abs_path, None),
+    "tls": _Key(_tls, None),
 }
 
 _TARGET_KEYS = {
@@ -998,7 +1051,18 @@ class _Validator:
                     repr(n["address"]),
                 )
             addresses[n["address"]] = nname
-            nodes[nname] = Node(nname, n["address"], n["device"], n["metadata"])
+            nodes[nname] = Node(
+                nname, n["address"], n["device"], n["metadata"], n["tls"] or glob.tls
+            )
+        with_tls = [node for node in nodes.values() if node.tls is not None]
+        if with_tls and len(with_tls) < len(nodes):
+            plain = next(node.name for node in nodes.values() if node.tls is None)
+            raise self.error(
+                (*path, "nodes", plain, "tls"),
+                f"tls on every node of {name} or on none ({with_tls[0].name} has it, and a node "
+                "with TLS refuses one without)",
+                "nothing",
+            )
 
         source = r["source"]
         if source not in nodes:

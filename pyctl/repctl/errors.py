@@ -11,6 +11,7 @@ traceback.
      +-- HandshakeRefused     one side refused the other during the handshake (reason code + text)
      |    +-- AuthError           ... because peer authentication failed
      +-- HookError            a hook command or built-in action failed, timed out or was cancelled
+     +-- TLSError             TLS between two nodes failed: a certificate refused, or TLS on one side only
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class HandshakeRefused(ReplError):
 
 class AuthError(HandshakeRefused):
     """Peer authentication failed (another shared secret, or a peer not who it claims to be)."""
+
+
+class TLSError(ReplError):
+    """TLS between two nodes failed (repctl.tls): a certificate refused by either side (another
+    CA, expired, not issued for the node), or TLS configured on one side only. The message says
+    which and what to check; the connection is unusable.
+    """
 
 
 class HookError(ReplError):

@@ -29,7 +29,8 @@ dropped and reordered frames.
 
 Performance: `FramedConnection.send` takes the payload as several buffers and hands them to
 ``socket.sendmsg`` with the header, so a WRITE's data (a memoryview of the kernel ring) is never
-copied; `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer.
+copied; `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer. Over
+TLS (repctl.tls, below the framing) there is no sendmsg: small pieces are gathered into one send.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import ClassVar, NamedTuple, NoReturn, TypeAlias
+from typing import ClassVar, NamedTuple, NoReturn, Protocol, TypeAlias
 
-from repctl.errors import AuthError, ConnectionClosed, HandshakeRefused, ProtocolError
+from repctl.errors import AuthError, ConnectionClosed, HandshakeRefused, ProtocolError, ReplError
 from repctl.mac import TAG_SIZE, FrameMac
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -82,6 +83,11 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for the whole handshake, however the peer tr
 REFUSE_LINGER = 2.0  # seconds a refusing side waits for the peer to read its REFUSE and close
 
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+# A stream without sendmsg (TLS): pieces below _DIRECT bytes are gathered into sends of up to
+# _GATHER bytes, so that a frame's header, record head and tag do not each become a TLS record
+_GATHER = 256 * 1024
+_DIRECT = 64 * 1024
+_TLS_RECORD = b"\x16\x03"  # how a TLS handshake starts: a peer with TLS talking to one without
 
 
 class FrameType(IntEnum):
@@ -262,6 +268,20 @@ def _frame_name(frame_type: int) -> str:
         return str(frame_type)
 
 
+class Stream(Protocol):
+    """What FramedConnection needs of its connection: a connected socket.socket, or a
+    repctl.tls.TLSSocket (TLS, which has no sendmsg)."""
+
+    def sendall(self, data: Buffer, /) -> None: ...
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int: ...
+    def recv(self, bufsize: int, /) -> bytes: ...
+    def settimeout(self, value: float | None, /) -> None: ...
+    def gettimeout(self) -> float | None: ...
+    def shutdown(self, how: int, /) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int: ...
+
+
 class FramedConnection:
     """Frames over a connected stream socket, validated on receipt.
 
@@ -277,7 +297,7 @@ class FramedConnection:
     `send` may be called from several threads (it holds a lock); `recv` from one thread at a time.
     """
 
-    def __init__(self, sock: socket.socket, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, sock: Stream, *, max_payload: int = MAX_PAYLOAD) -> None:
         self.sock = sock
         self.max_payload = max_payload
         self._send_lock = threading.Lock()
@@ -288,7 +308,10 @@ class FramedConnection:
         self._broken: str | None = None
         self._started = False  # some bytes of the frame being received were read
         self._send_broken: str | None = None
-        self._sendmsg = not isinstance(sock, ssl.SSLSocket)  # SSL sockets have no sendmsg
+        # the plain path: one sendmsg of every buffer; TLS streams have no sendmsg
+        self._sendmsg: socket.socket | None = (
+            sock if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket) else None
+        )
         self._send_mac: FrameMac | None = None
         self._recv_mac: FrameMac | None = None
         self._tag = bytearray(TAG_SIZE)
@@ -348,13 +371,13 @@ class FramedConnection:
         return self.send(message.frame_type, *message.encode())
 
     def _sendall(self, views: list[memoryview]) -> None:
-        pending = collections.deque(v for v in views if v.nbytes)
-        if not self._sendmsg:
-            for v in pending:
-                self.sock.sendall(v)
+        sock = self._sendmsg
+        if sock is None:
+            self._sendall_gathered(views)
             return
+        pending = collections.deque(v for v in views if v.nbytes)
         while pending:
-            sent = self.sock.sendmsg(itertools.islice(pending, _IOV_MAX))
+            sent = sock.sendmsg(itertools.islice(pending, _IOV_MAX))
             while sent:
                 first = pending[0]
                 if sent >= first.nbytes:
@@ -363,6 +386,25 @@ class FramedConnection:
                 else:
                     pending[0] = first[sent:]
                     sent = 0
+
+    def _sendall_gathered(self, views: list[memoryview]) -> None:
+        """Send `views` on a stream without sendmsg (TLS): small pieces (headers, record heads,
+        tags, small writes) copied together into sends of up to _GATHER bytes, large ones sent
+        as they are, so that TLS makes few full records rather than one per piece."""
+        gathered = bytearray()
+        for v in views:
+            if v.nbytes >= _DIRECT:
+                if gathered:
+                    self.sock.sendall(gathered)
+                    gathered = bytearray()
+                self.sock.sendall(v)
+                continue
+            gathered += v
+            if len(gathered) >= _GATHER:
+                self.sock.sendall(gathered)
+                gathered = bytearray()
+        if gathered:
+            self.sock.sendall(gathered)
 
     # ---- receiving
 
@@ -408,6 +450,11 @@ class FramedConnection:
         self._read(hview, "header")
         header = Header._make(HEADER.unpack(self._header))
         if header.magic != MAGIC:
+            if self._header.startswith(_TLS_RECORD):
+                raise ProtocolError(
+                    "the peer speaks TLS and this node has no tls configured: configure tls on "
+                    "both nodes (a TLS handshake where a frame was expected)"
+                )
             raise ProtocolError(
                 f"bad magic {bytes(self._header[:4])!r}, expected b'RPL1' "
                 "(the peer does not speak this protocol, or the stream is out of step)"
@@ -504,7 +551,7 @@ class FramedConnection:
                 self.sock.settimeout(left)
                 if not self.sock.recv(65536):
                     break
-        except OSError:
+        except (OSError, ReplError):  # ReplError: a TLS stream's (repctl.tls)
             pass
         finally:
             with contextlib.suppress(OSError):

@@ -219,12 +219,12 @@ CASES = [
     ("relative socket", _set("global.control_socket", "repctl.sock"), "global.control_socket",
      "an absolute path"),
     ("node not a mapping", _set(f"{R0}.nodes.beta", "10.0.0.2"), f"{R0}.nodes.beta",
-     "a mapping with keys address, device, metadata, got '10.0.0.2'"),
+     "a mapping with keys address, device, metadata, tls, got '10.0.0.2'"),
     ("bad node name", _set(f"{R0}.nodes.be ta", {"address": "h", "device": "/d"}),
      f"{R0}.nodes.be ta", "a node name"),
     ("bad resource name", _set("resources.r/0", {}), "resources.r/0", "a resource name"),
     ("global not a mapping", _set("global", ["x"]), "global",
-     "a mapping with keys control_socket, state_dir, secret_file, metrics, got a list"),
+     "a mapping with keys control_socket, state_dir, secret_file, metrics, tls, got a list"),
     # A node's metadata is never its data device: create-md --force would format the data.
     ("metadata is the device", _set(f"{R0}.nodes.beta.metadata", "/dev/vg0/data"),
      f"{R0}.nodes.beta.metadata", ("expected a metadata device other than the node's data device "

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from repctl import metadata
+from repctl import protocol as P
+from repctl import tls as T
 from repctl.config import Resource
 from repctl.errors import ReplError
 
@@ -34,7 +36,8 @@ MAX_PENDING_HANDSHAKES = 8  # unauthenticated connections a listener serves at o
 
 
 class ResourceBase:
-    """What a resource needs on either side: its config, secret, state folder and events."""
+    """What a resource needs on either side: its config, secret, transport (plain TCP or TLS,
+    repctl.tls), state folder and events."""
 
     def __init__(self, daemon: Daemon, cfg: Resource):
         self.daemon = daemon
@@ -43,6 +46,8 @@ class ResourceBase:
         self.node = daemon.node
         self.events = daemon.events
         self.secret = daemon.config.read_secret(cfg.name)
+        # its TLS files are read and checked here, at `up`: ConfigError naming the file
+        self.transport = T.transport(daemon.config, cfg.name, self.node)
         self.state_dir = daemon.state_dir / cfg.name
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -58,8 +63,10 @@ def set_aside(path: Path) -> None:
         os.replace(path, path.with_name(f"{path.name}.corrupt-{int(time.time())}"))
 
 
-def readable(sock: socket.socket) -> bool:
-    """Whether a recv on `sock` would not block now."""
+def readable(sock: P.Stream) -> bool:
+    """Whether a recv on `sock` would not block now (TLS: bytes it already holds count too)."""
+    if isinstance(sock, T.TLSSocket) and sock.pending():
+        return True
     r, _, _ = select.select([sock], [], [], 0)
     return bool(r)
 

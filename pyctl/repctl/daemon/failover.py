@@ -21,8 +21,9 @@ from repctl import protocol as P
 from repctl.config import Resource
 from repctl.daemon.base import local_changes, new_generation, set_aside, tune
 from repctl.daemon.state import Role
-from repctl.errors import HandshakeRefused, ReplError
+from repctl.errors import HandshakeRefused, ReplError, TLSError
 from repctl.statefile import StateError, atomic_write, load_json, save_json
+from repctl.tls import Transport
 
 log = logging.getLogger("repctl.daemon")
 
@@ -73,9 +74,11 @@ class Probe:
 
 
 def probe(cfg: Resource, node: str, peer: str, secret: bytes, local: P.HandshakeInfo,
-          timeout: float = PROBE_TIMEOUT) -> Probe:
-    """Connect to `peer` and handshake as a primary would, to learn what it is; nothing of the
-    session is used (a free secondary sees a connection that ends at once)."""
+          transport: Transport, timeout: float = PROBE_TIMEOUT) -> Probe:
+    """Connect to `peer` (over `transport`: TLS or plain TCP) and handshake as a primary would,
+    to learn what it is; nothing of the session is used (a free secondary sees a connection
+    that ends at once). A TLS failure is a refusal: the peer answered, and it could not be told
+    whether it is primary."""
     seen: dict[str, P.PeerInfo] = {}
     address = (cfg.nodes[peer].address, cfg.port)
     try:
@@ -85,6 +88,8 @@ def probe(cfg: Resource, node: str, peer: str, secret: bytes, local: P.Handshake
     conn = P.FramedConnection(sock)
     try:
         tune(sock)
+        conn = P.FramedConnection(transport.client(sock, peer, address))
+
         def note(info: P.PeerInfo) -> None:
             seen["p"] = info
 
@@ -97,6 +102,8 @@ def probe(cfg: Resource, node: str, peer: str, secret: bytes, local: P.Handshake
         if e.remote and e.reason == P.RefuseReason.BUSY:
             return Probe(peer, ProbeKind.BUSY, e.text, gens)
         return Probe(peer, ProbeKind.REFUSED, str(e), gens)
+    except TLSError as e:
+        return Probe(peer, ProbeKind.REFUSED, str(e))
     except (OSError, ReplError) as e:
         return Probe(peer, ProbeKind.UNREACHABLE, str(e))
     finally:

@@ -177,10 +177,16 @@ class Link:
 
     # -- connection ----------------------------------------------------
     def _connect(self) -> P.FramedConnection:
-        sock = socket.create_connection(self.address, timeout=5)
-        tune(sock)
-        conn = P.FramedConnection(sock)
         res = self.res
+        sock = socket.create_connection(self.address, timeout=5)
+        try:
+            tune(sock)
+            # TLS (when configured): the target's certificate must be issued for this target
+            stream = res.transport.client(sock, self.name, self.address)
+        except BaseException:
+            sock.close()
+            raise
+        conn = P.FramedConnection(stream)
         local = P.HandshakeInfo(resource=res.name, node=res.node, role=P.Role.SOURCE,
                                 device_size=res.size, chunk_size=res.chunk_bytes,
                                 generations=res.generations())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from repctl import dm, metadata
 from repctl import protocol as P
+from repctl import tls as T
 from repctl.config import Config, Fencing, MountAction, Resource, SplitBrainPolicy
 from repctl.daemon.base import new_generation
 from repctl.daemon.events import Events
@@ -132,7 +133,8 @@ class Daemon:
                                 device_size=metadata.device_bytes(str(cfg.nodes[self.node].device)),
                                 chunk_size=cfg.chunk_size, generations=gens)
         secret = self.config.read_secret(cfg.name)
-        found = {peer: probe(cfg, self.node, peer, secret, local)
+        transport = T.transport(self.config, cfg.name, self.node)
+        found = {peer: probe(cfg, self.node, peer, secret, local, transport)
                  for peer in cfg.targets_for(self.node)}
         for _ in range(BUSY_RETRIES):
             # a secondary may not have seen its primary's connection end yet (a demote just
@@ -141,7 +143,7 @@ class Daemon:
             if not busy:
                 break
             time.sleep(1)
-            found |= {p: probe(cfg, self.node, p, secret, local) for p in busy}
+            found |= {p: probe(cfg, self.node, p, secret, local, transport) for p in busy}
         return found
 
     def _become_secondary(self, cfg: Resource, gens: P.Generations, why: str,

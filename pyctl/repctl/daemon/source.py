@@ -242,10 +242,12 @@ class SourceResource(ResourceBase):
                                 generations=self.generations())
 
         def refuse(info: P.PeerInfo) -> None:
+            self.transport.check_peer(conn.sock, info.node)  # TLS: its certificate names it
             raise HandshakeRefused(P.RefuseReason.ROLE_CONFLICT,
                                    f"{self.node} is the primary of {self.name}")
         try:
             tune(sock)
+            conn = P.FramedConnection(self.transport.server(sock, peer))
             P.handshake(conn, local, self.secret,
                         P.Expect(frozenset(self.links), refuse))
         except HandshakeRefused as e:

@@ -14,7 +14,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TypeVar
 
-from repctl.errors import ConnectionClosed, HandshakeRefused, ProtocolError
+from repctl.errors import ConnectionClosed, HandshakeRefused, ProtocolError, TLSError
 from repctl.protocol import RefuseReason
 
 __all__ = ["LATENCY_BUCKETS", "Histogram", "Stats", "reason_name"]
@@ -94,12 +94,15 @@ class Stats:
     def handshake_failed(self, resource: str, exc: BaseException) -> None:
         """A peer's handshake with this node's listener ended in `exc`: a refusal by either
         side counts with its reason; a malformed or unfinished one (ProtocolError: garbage, a
-        timeout) as ``protocol``, refused by this node. A peer that only closed the connection
-        (a port probe) is not counted."""
+        timeout) as ``protocol``, refused by this node; a failed TLS handshake (a certificate
+        refused, TLS on one side only) as ``tls``. A peer that only closed the connection (a
+        port probe) is not counted."""
         if isinstance(exc, HandshakeRefused):
             self.refusal(resource, exc)
         elif isinstance(exc, ProtocolError) and not isinstance(exc, ConnectionClosed):
             self.refused(resource, "protocol", by_peer=False)
+        elif isinstance(exc, TLSError):
+            self.refused(resource, "tls", by_peer=False)
 
     def fell_behind(self, resource: str, reason: str) -> None:
         """The kernel of `resource` stopped its ring: every target tracks in its bitmap."""

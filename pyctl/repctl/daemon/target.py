@@ -134,6 +134,7 @@ class TargetResource(ResourceBase):
 
         def claim(info: P.PeerInfo) -> None:
             nonlocal claimed
+            self.transport.check_peer(conn.sock, info.node)  # TLS: its certificate names it
             with self.conn_lock:
                 if self.conn is not None:
                     raise HandshakeRefused(P.RefuseReason.BUSY,
@@ -145,6 +146,7 @@ class TargetResource(ResourceBase):
         try:
             tune(sock)
             try:
+                conn = P.FramedConnection(self.transport.server(sock, peer))
                 info = P.handshake(conn, self._local_info(), self.secret,
                                    P.Expect(frozenset(self.cfg.targets_for(self.node)), claim))
             finally:

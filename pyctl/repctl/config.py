@@ -10,6 +10,7 @@ TLS on every node of a resource or on none, ...) are checked after every key par
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from repctl.compress import ZSTD_DEFAULT_LEVEL, ZSTD_LEVELS
 from repctl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,6 +73,14 @@ class TargetMode(StrEnum):
 
     SYNC = "sync"  # a write completes only when the target has it durable
     ASYNC = "async"  # the source never waits; past max_lag the target falls back to the bitmap
+
+
+class Compression(StrEnum):
+    """How the source compresses the data it sends a target (docs/config.md, docs/wan.md)."""
+
+    NONE = "none"
+    LZ4 = "lz4"  # fast, a modest ratio; no levels
+    ZSTD = "zstd"  # a better ratio for more CPU, `compression_level` 1 to 19 (default 3)
 
 
 class Fencing(StrEnum):
@@ -180,6 +190,8 @@ class Target:
     name: str
     mode: TargetMode
     max_lag: int | None  # bytes, below the resource's ring_size; async targets only (sync: None)
+    compression: Compression = Compression.NONE
+    compression_level: int | None = None  # zstd's level (default 3); None for lz4 and none
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,8 @@ class Resource:
         """The nodes that `primary` replicates to, each with its mode, in the order of `targets`.
 
         Every target of the file other than `primary` keeps its entry; the file's `source` (when it
-        is not `primary`) takes the place, mode and max_lag of `primary`'s own entry. So
+        is not `primary`) takes the place, mode, max_lag and compression of `primary`'s own
+        entry. So
         ``targets_for(source) == targets``, and after beta (a sync target of alpha) is promoted,
         alpha is a sync target of beta. A node of `nodes` that is not in `targets` is never a
         target. ValueError if `primary` is neither the source nor a target.
@@ -232,7 +245,7 @@ class Resource:
         out: dict[str, Target] = {}
         for name, target in self.targets.items():
             if name == primary:
-                out[self.source] = Target(self.source, target.mode, target.max_lag)
+                out[self.source] = dataclasses.replace(target, name=self.source)
             else:
                 out[name] = target
         return MappingProxyType(out)
@@ -326,6 +339,10 @@ class Config:
                 t.name: {
                     "mode": t.mode.value,
                     **({"max_lag": format_size(t.max_lag)} if t.max_lag is not None else {}),
+                    **({"compression": t.compression.value}
+                       if t.compression is not Compression.NONE else {}),
+                    **({"compression_level": t.compression_level}
+                       if t.compression_level is not None else {}),
                 }
                 for t in r.targets.values()
             }
@@ -685,6 +702,19 @@ def _mode(value: object) -> TargetMode:
     raise _Invalid("a mode: sync or async")
 
 
+def _compression(value: object) -> Compression:
+    if isinstance(value, str) and value in {c.value for c in Compression}:
+        return Compression(value)
+    raise _Invalid(f"a compression: {' or '.join(c.value for c in Compression)}")
+
+
+def _zstd_level(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ZSTD_LEVELS:
+        raise _Invalid(f"a zstd level: an integer from {ZSTD_LEVELS.start} to "
+                       f"{ZSTD_LEVELS.stop - 1}")
+    return value
+
+
 def _mapping(value: object) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise _Invalid("a mapping")
@@ -873,6 +903,8 @@ _NODE_KEYS = {
 _TARGET_KEYS = {
     "mode": _Key(_mode),
     "max_lag": _Key(_bounded_size(MIN_MAX_LAG, MAX_RING_SIZE), None),  # and below ring_size
+    "compression": _Key(_compression, Compression.NONE),
+    "compression_level": _Key(_zstd_level, None),  # zstd only
 }
 
 _TOP_KEYS = {
@@ -1105,7 +1137,17 @@ class _Validator:
                 )
             if t["mode"] is TargetMode.ASYNC and max_lag is None:
                 max_lag = default_max_lag(r["ring_size"])
-            targets[tname] = Target(tname, t["mode"], max_lag)
+            level = t["compression_level"]
+            if level is not None and t["compression"] is not Compression.ZSTD:
+                raise self.error(
+                    (*tpath, "compression_level"),
+                    "a compression_level only with compression: zstd (lz4 has no levels here, "
+                    "none compresses nothing)",
+                    repr(level),
+                )
+            if t["compression"] is Compression.ZSTD and level is None:
+                level = ZSTD_DEFAULT_LEVEL
+            targets[tname] = Target(tname, t["mode"], max_lag, t["compression"], level)
 
         given = self.section(r["hooks"], (*path, "hooks"), _HOOK_KEYS)
         hooks = {HookEvent(k): v for k, v in given.items() if v is not None}

@@ -1,12 +1,13 @@
-"""The repctl wire protocol, version 1: framing, payloads and the handshake, declared as data.
+"""The repctl wire protocol, version 3: framing, payloads and the handshake, declared as data.
 
 docs/protocol.md is the reference for everything here; the two must agree. Rules that keep peers of
 different releases talking:
 
 - frame type, refusal, error and record numbers are fixed forever: new ones are appended, none is
   reused;
-- the 32-byte frame header, and the layouts of HELLO and REFUSE, never change, so that any two
-  versions can at least refuse each other with a clear reason;
+- the 32-byte frame header, and the layouts of HELLO (its fixed part and names; a version may
+  append fields after them) and REFUSE, never change, so that any two versions can at least
+  refuse each other with a clear reason;
 - every other layout belongs to a protocol version; a changed layout means a new version.
 
 Every frame is a fixed little-endian header followed by ``length`` payload bytes::
@@ -15,7 +16,8 @@ Every frame is a fixed little-endian header followed by ``length`` payload bytes
          0    4 magic     b"RPL1" (0x314c5052 read as u32 LE)
          4    2 version   PROTOCOL_VERSION of the sender
          6    2 type      a FrameType
-         8    4 flags     FLAG_MAC on every frame after the handshake, else 0
+         8    4 flags     FLAG_MAC on every frame after the handshake, else 0; FLAG_COMPRESSED
+                          on a WRITE or RESYNC_CHUNK whose data is compressed (repctl.compress)
         12    4 length    payload bytes that follow the header (at most MAX_PAYLOAD)
         16    8 seq       per-connection, per-direction frame number: 1, 2, 3, ...
         24    4 crc       zlib.crc32 of the header with this field zero, then of the payload;
@@ -27,10 +29,17 @@ per-frame key derived from the session's key for that direction (repctl.mac): fr
 nothing that the peer did not send is accepted, and the strict sequence numbers refuse replayed,
 dropped and reordered frames.
 
+A session may compress the data of its WRITE and RESYNC_CHUNK frames with the codec that the
+handshake negotiated (HELLO's `compression`): the sender compresses each frame's data and sets
+FLAG_COMPRESSED, or sends it as it is when it does not compress to 7/8 or less; the tag covers the
+frame as sent (compressed), and the receiver decompresses only after the tag is verified, into
+at most the size the frame declares, then hands the plain payload to the decoders.
+
 Performance: `FramedConnection.send` takes the payload as several buffers and hands them to
 ``socket.sendmsg`` with the header, so a WRITE's data (a memoryview of the kernel ring) is never
 copied; `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer. Over
 TLS (repctl.tls, below the framing) there is no sendmsg: small pieces are gathered into one send.
+A session without compression pays one test per frame for it, nothing else.
 """
 
 from __future__ import annotations
@@ -53,12 +62,13 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import ClassVar, NamedTuple, NoReturn, Protocol, TypeAlias
 
+from repctl.compress import Codec, CompressionStats, Compressor, Decompressor, available, pays
 from repctl.errors import AuthError, ConnectionClosed, HandshakeRefused, ProtocolError, ReplError
 from repctl.mac import TAG_SIZE, FrameMac
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-PROTOCOL_VERSION = 2  # 2: OUT_OF_SYNC after every handshake
+PROTOCOL_VERSION = 3  # 2: OUT_OF_SYNC after every handshake; 3: compression (HELLO, a flag)
 MAGIC = int.from_bytes(b"RPL1", "little")
 
 HEADER = struct.Struct("<IHHIIQII")  # magic, version, type, flags, length, seq, crc, reserved
@@ -71,9 +81,11 @@ MAX_DATA = 16 * 1024 * 1024  # the largest WRITE or RESYNC_CHUNK data
 RECORD = struct.Struct("<QQIHH")  # ring seq, sector, length, op, flags: the head of kmod's repl_rec
 MAX_PAYLOAD = MAX_DATA + RECORD.size
 MAX_TEXT = 1024  # bytes of UTF-8 in REFUSE and ERROR texts
-# The largest frame before authentication: a REFUSE with its text (a HELLO needs at most 856).
+# The largest frame before authentication: a REFUSE with its text (a HELLO needs at most 860).
 MAX_HANDSHAKE_PAYLOAD = 2 + MAX_TEXT
 FLAG_MAC = 0x1  # header flag: a 16-byte tag follows the payload (docs/protocol.md)
+FLAG_COMPRESSED = 0x2  # header flag: the data of this WRITE or RESYNC_CHUNK is compressed
+_HEADER_FLAGS = FLAG_MAC | FLAG_COMPRESSED
 SESSION_LABEL = b"repl-session-v1"
 NONCE_SIZE = 32
 MAC_SIZE = 32  # HMAC-SHA256
@@ -203,6 +215,13 @@ _FRAME_RECORD = {v: k for k, v in _RECORD_FRAME.items()}
 # Frame types whose layout is frozen across versions: accepted whatever the header's version says.
 _VERSIONLESS = frozenset({FrameType.HELLO, FrameType.REFUSE})
 
+# Frame types whose data a session may compress, and the size of the fixed head before their data
+# (a WRITE's record, a RESYNC_CHUNK's chunk index), which is never compressed.
+_COMPRESSIBLE = {FrameType.WRITE: RECORD.size, FrameType.RESYNC_CHUNK: 8}
+# A compressed RESYNC_CHUNK has, after its chunk index, the size of its data uncompressed (u32)
+# and a reserved u32 (0): the last chunk of a device may be short, so the size is not implied.
+_ZCHUNK = struct.Struct("<II")
+
 
 # --------------------------------------------------------------------------------------------
 # Framing
@@ -240,9 +259,11 @@ def encode_frame(
     *,
     version: int = PROTOCOL_VERSION,
     mac: FrameMac | None = None,
+    flags: int = 0,
 ) -> list[memoryview]:
     """The buffers of one frame: its 32-byte header, then `parts` unchanged (not copied), then,
-    with `mac`, the frame's tag (FLAG_MAC set, crc 0).
+    with `mac`, the frame's tag (FLAG_MAC set, crc 0). `flags`: other header flags
+    (FLAG_COMPRESSED).
 
     Raises ValueError if the payload exceeds MAX_PAYLOAD.
     """
@@ -250,7 +271,7 @@ def encode_frame(
     length = sum(v.nbytes for v in views)
     if length > MAX_PAYLOAD:
         raise ValueError(f"payload of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
-    flags = FLAG_MAC if mac is not None else 0
+    flags |= FLAG_MAC if mac is not None else 0
     header = memoryview(bytearray(HEADER.pack(MAGIC, version, frame_type, flags, length, seq, 0, 0)))
     if mac is not None:
         return [header, *views, memoryview(mac.tag(seq, [header, *views]))]
@@ -294,10 +315,15 @@ class FramedConnection:
     carries a tag, and a received frame without a valid one is a ProtocolError. `deadline` (a
     time.monotonic() value) bounds every receive, however slowly the peer sends.
 
+    The handshake also sets the session's codec (`set_compression`): from then on the data of
+    WRITE and RESYNC_CHUNK frames is compressed when it pays, and compressed frames are accepted;
+    `compression_stats` (one object may serve the connections of a link in turn) counts them.
+
     `send` may be called from several threads (it holds a lock); `recv` from one thread at a time.
     """
 
-    def __init__(self, sock: Stream, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, sock: Stream, *, max_payload: int = MAX_PAYLOAD,
+                 compression_stats: CompressionStats | None = None) -> None:
         self.sock = sock
         self.max_payload = max_payload
         self._send_lock = threading.Lock()
@@ -317,6 +343,24 @@ class FramedConnection:
         self._tag = bytearray(TAG_SIZE)
         self.deadline: float | None = None
         self.plain_refuse_ok = False  # the handshake accepts a REFUSE without a tag
+        self.codec = Codec.NONE  # the session's, set by the handshake
+        self.compression_stats = (compression_stats if compression_stats is not None
+                                  else CompressionStats())
+        self._compressor: Compressor | None = None
+        self._decompressor: Decompressor | None = None
+        self._zbuffer = bytearray(0)  # a compressed payload, before it is decompressed
+
+    def set_compression(self, codec: Codec, level: int = 0) -> None:
+        """Use `codec` for the data frames of this connection, both ways: compress what this
+        side sends (zstd at `level`, 0 for its default), accept compressed frames. NONE turns
+        it off. The handshake calls it with the negotiated codec."""
+        with self._send_lock:
+            if codec is Codec.NONE:
+                self._compressor = self._decompressor = None
+            else:
+                self._compressor = Compressor(codec, level)
+                self._decompressor = Decompressor(codec, MAX_DATA)
+            self.codec = codec
 
     def authenticate(self, send_key: bytes, recv_key: bytes) -> None:
         """Tag every frame sent from now on with `send_key`'s MAC; require `recv_key`'s on every
@@ -357,7 +401,10 @@ class FramedConnection:
             views: list[memoryview] = []
             for frame_type, parts in frames:
                 seq += 1
-                views += encode_frame(frame_type, seq, parts, mac=self._send_mac)
+                flags = 0
+                if self._compressor is not None and frame_type in _COMPRESSIBLE:
+                    flags, parts = self._compress(frame_type, parts)
+                views += encode_frame(frame_type, seq, parts, mac=self._send_mac, flags=flags)
             try:
                 self._sendall(views)
             except BaseException as exc:
@@ -369,6 +416,31 @@ class FramedConnection:
     def send_message(self, message: Message) -> int:
         """Encode and send a payload dataclass; returns the frame's sequence number."""
         return self.send(message.frame_type, *message.encode())
+
+    def _compress(self, frame_type: int, parts: Sequence[Buffer]) -> tuple[int, Sequence[Buffer]]:
+        """The header flags and payload of a data frame as sent: its data compressed if that
+        pays (FLAG_COMPRESSED), else `parts` as they are."""
+        assert self._compressor is not None
+        head_size = _COMPRESSIBLE[FrameType(frame_type)]
+        views = [_bytes_view(p) for p in parts]
+        if len(views) == 2 and views[0].nbytes == head_size:
+            head, data = views  # as Record and ResyncChunk encode: the head, then the data
+        else:
+            joined = memoryview(b"".join(views))
+            head, data = joined[:head_size], joined[head_size:]
+        raw = data.nbytes
+        if not raw:
+            return 0, parts
+        packed = self._compressor.compress(data)
+        if not pays(raw, len(packed)):
+            self.compression_stats.count(raw, raw, skipped=True)
+            return 0, parts
+        if frame_type == FrameType.RESYNC_CHUNK:
+            size = _ZCHUNK.pack(raw, 0)
+            self.compression_stats.count(raw, len(size) + len(packed), skipped=False)
+            return FLAG_COMPRESSED, (head, size, packed)
+        self.compression_stats.count(raw, len(packed), skipped=False)
+        return FLAG_COMPRESSED, (head, packed)
 
     def _sendall(self, views: list[memoryview]) -> None:
         sock = self._sendmsg
@@ -464,7 +536,7 @@ class FramedConnection:
                 f"frame length {header.length} exceeds the maximum {self.max_payload} "
                 f"(frame {header.seq}, type {_frame_name(header.type)})"
             )
-        if header.flags & ~FLAG_MAC or header.reserved:
+        if header.flags & ~_HEADER_FLAGS or header.reserved:
             raise ProtocolError(
                 f"frame {header.seq} has unknown header flags {header.flags:#x} or a non-zero "
                 f"reserved field {header.reserved:#x}"
@@ -481,7 +553,13 @@ class FramedConnection:
                 f"frame {header.seq} ({_frame_name(header.type)}) carries no MAC: only "
                 "authenticated frames are accepted after the handshake"
             )
-        payload = self._payload_view(header.length, buffer)
+        compressed = bool(header.flags & FLAG_COMPRESSED)
+        if compressed:  # read aside: it is decompressed into the payload's buffer, below
+            if len(self._zbuffer) < header.length:
+                self._zbuffer = bytearray(header.length)
+            payload = memoryview(self._zbuffer)[: header.length]
+        else:
+            payload = self._payload_view(header.length, buffer)
         self._read(payload, "payload")
 
         if tagged:
@@ -518,7 +596,39 @@ class FramedConnection:
         if header.seq != expected:
             raise ProtocolError(f"unexpected frame sequence {header.seq}, expected {expected}")
         self._recv_seq = expected
+        if compressed:
+            payload = self._inflate(frame_type, header, payload, buffer)
+        elif self._decompressor is not None and frame_type in _COMPRESSIBLE:
+            raw = max(payload.nbytes - _COMPRESSIBLE[frame_type], 0)
+            self.compression_stats.count(raw, raw, skipped=True)
         return Frame(frame_type, header, payload)
+
+    def _inflate(self, frame_type: FrameType, header: Header, wire: memoryview,
+                 buffer: bytearray | memoryview | None) -> memoryview:
+        """The plain payload of a compressed frame (authenticated already): its fixed head, then
+        its data decompressed into exactly the size it declares, at most MAX_DATA."""
+        what = f"compressed frame {header.seq} ({frame_type.name}, {header.length} bytes)"
+        if self._decompressor is None:
+            raise ProtocolError(f"{what}: this session negotiated no compression")
+        head_size = _COMPRESSIBLE.get(frame_type)
+        if head_size is None:
+            raise ProtocolError(f"{what}: only WRITE and RESYNC_CHUNK frames may be compressed")
+        if frame_type is FrameType.WRITE:
+            _need(wire, RECORD.size, what, exact=False)
+            size = RECORD.unpack_from(wire)[2]
+            data = wire[RECORD.size :]
+        else:
+            _need(wire, head_size + _ZCHUNK.size, what, exact=False)
+            size, reserved = _ZCHUNK.unpack_from(wire, head_size)
+            if reserved:
+                raise ProtocolError(f"{what}: reserved field {reserved:#x}, expected 0")
+            data = wire[head_size + _ZCHUNK.size :]
+        plain = self._decompressor.decompress(data, size, what)
+        out = self._payload_view(head_size + size, buffer)
+        out[:head_size] = wire[:head_size]
+        out[head_size:] = plain
+        self.compression_stats.count(size, wire.nbytes - head_size, skipped=False)
+        return out
 
     def _payload_view(self, length: int, buffer: bytearray | memoryview | None) -> memoryview:
         if buffer is not None:
@@ -642,10 +752,14 @@ class Generations:
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """HELLO: who the sender is and what it holds. Layout frozen across versions."""
+    """HELLO: who the sender is and what it holds. The fixed part and the three names are frozen
+    across versions; from version 3 on, TRAILER follows the names: the source's compression
+    offer (a Codec), or the target's answer to it (the offer, or NONE). A HELLO of version 2
+    (none) still decodes, with `compression` NONE."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.HELLO
     FIXED: ClassVar[struct.Struct] = struct.Struct(f"<HBBIQQ{MAX_HISTORY}Q{NONCE_SIZE}s")
+    TRAILER: ClassVar[struct.Struct] = struct.Struct("<B3s")  # compression, 3 bytes reserved (0)
 
     protocol_version: int
     role: Role
@@ -656,6 +770,7 @@ class Hello(Message):
     chunk_size: int  # bytes
     generations: Generations
     nonce: bytes
+    compression: int = Codec.NONE  # a Codec (a bare int if the peer knows one we do not)
 
     def encode(self) -> tuple[Buffer, ...]:
         if len(self.nonce) != NONCE_SIZE:
@@ -680,6 +795,10 @@ class Hello(Message):
             if not _WIRE_NAME.fullmatch(name) or len(data) > 255:
                 raise ValueError(f"{name!r} is not a valid resource or node name")
             out += bytes([len(data)]) + data
+        if self.protocol_version >= 3:
+            out += self.TRAILER.pack(self.compression, bytes(3))
+        elif self.compression:
+            raise ValueError("a HELLO of version 2 has no compression field")
         return (bytes(out),)
 
     @staticmethod
@@ -713,6 +832,15 @@ class Hello(Message):
             if len(raw) != n or not _WIRE_NAME.fullmatch(name):
                 raise ProtocolError(f"HELLO has a malformed {what} name {_printable(name)!r}")
             names.append(name)
+        compression = 0
+        if version >= 3:
+            if payload.nbytes - pos != cls.TRAILER.size:
+                raise ProtocolError(f"HELLO has {payload.nbytes - pos} bytes after its names, "
+                                    f"expected {cls.TRAILER.size}")
+            compression, reserved = cls.TRAILER.unpack_from(payload, pos)
+            if reserved != bytes(3):
+                raise ProtocolError(f"HELLO has non-zero reserved bytes {reserved.hex()}")
+            pos += cls.TRAILER.size
         if pos != payload.nbytes:
             raise ProtocolError(f"HELLO has {payload.nbytes - pos} trailing bytes")
         return cls(
@@ -725,6 +853,7 @@ class Hello(Message):
             chunk,
             Generations(current, tuple(history[:count])),
             nonce,
+            _enum_or_int(Codec, compression),
         )
 
 
@@ -1151,11 +1280,16 @@ class HandshakeInfo:
     device_size: int  # bytes
     chunk_size: int  # bytes
     generations: Generations
+    # The source: the codec it offers for its data frames (it is sent NONE if this side cannot
+    # use it). A target ignores it: it accepts any codec it can use (repctl.compress.available)
+    compression: Codec = Codec.NONE
+    compression_level: int = 0  # the source's zstd level (0: the default); never sent
 
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """The peer, as authenticated by the handshake."""
+    """The peer, as authenticated by the handshake; `compression` is the session's codec, the
+    same on both sides (NONE unless the source offered one and the target accepted it)."""
 
     protocol_version: int
     resource: str
@@ -1164,6 +1298,7 @@ class PeerInfo:
     device_size: int
     chunk_size: int
     generations: Generations
+    compression: Codec = Codec.NONE
 
 
 @dataclass(frozen=True)
@@ -1200,8 +1335,8 @@ def handshake(
     finished within `timeout` seconds in all (a deadline, not a per-frame timeout). Until the peer
     is authenticated no frame may carry more than MAX_HANDSHAKE_PAYLOAD bytes. On success the
     connection authenticates every later frame in both directions under keys derived from this
-    handshake. In every failure case the caller must close the connection; nothing of the peer
-    may be used.
+    handshake, and uses the negotiated codec (`PeerInfo.compression`) for its data frames. In
+    every failure case the caller must close the connection; nothing of the peer may be used.
     """
     if not secret:
         raise ValueError("an empty shared secret")
@@ -1248,7 +1383,7 @@ class _Handshake:
             theirs, theirs_digest = self.receive_hello()
         else:
             theirs, theirs_digest = self.receive_hello()
-            mine, mine_payload = self.hello(theirs.node)
+            mine, mine_payload = self.hello(theirs.node, theirs.compression)
             self.send(mine_payload)
         mine_digest = hashlib.sha256(mine_payload).digest()
 
@@ -1265,7 +1400,11 @@ class _Handshake:
                 "the shared secrets differ, or the peer is not who it claims to be",
             )
 
-        # From here on the peer's HELLO is authenticated.
+        # From here on the peer's HELLO is authenticated, and so is the codec each side named:
+        # the source's offer, the target's answer (the offer or NONE) is the session's.
+        session = Codec(mine.compression) if local.role is Role.TARGET else Codec.NONE
+        if local.role is Role.SOURCE and theirs.compression in (Codec.NONE, mine.compression):
+            session = Codec(theirs.compression)
         peer = PeerInfo(
             theirs.protocol_version,
             theirs.resource,
@@ -1274,8 +1413,13 @@ class _Handshake:
             theirs.device_size,
             theirs.chunk_size,
             theirs.generations,
+            session,
         )
         refusal: tuple[int, str] | None = _check_peer(local, self.expect, peer, theirs.peer)
+        if refusal is None and local.role is Role.SOURCE and session != theirs.compression:
+            offer, answer = _codec_word(mine.compression), _codec_word(theirs.compression)
+            refusal = (RefuseReason.PROTOCOL,
+                       f"node {theirs.node!r} answered the compression offer {offer} with {answer}")
         if refusal is None and self.expect.check is not None:
             try:
                 self.expect.check(peer)
@@ -1291,13 +1435,17 @@ class _Handshake:
         else:
             keys = _session_keys(self.secret, theirs, theirs_digest, mine, mine_digest)
             self.conn.authenticate(keys[1], keys[0])
+        self.conn.set_compression(session, local.compression_level)
         self.send_message(Welcome())
         self.receive(FrameType.WELCOME)
         return peer
 
-    def hello(self, peer: str) -> tuple[Hello, bytes]:
-        """Our HELLO to `peer`, and its payload."""
+    def hello(self, peer: str, offer: int = Codec.NONE) -> tuple[Hello, bytes]:
+        """Our HELLO to `peer`, and its payload. Its codec: the source's offer, the one it is
+        configured with if this side can use it; the target's answer to the source's `offer`,
+        the offer if this side can use it, else NONE (an unknown codec too)."""
         local = self.local
+        codec = local.compression if local.role is Role.SOURCE else offer
         hello = Hello(
             PROTOCOL_VERSION,
             local.role,
@@ -1308,6 +1456,7 @@ class _Handshake:
             local.chunk_size,
             local.generations,
             self.nonce,
+            codec if available(codec) else Codec.NONE,
         )
         (payload,) = hello.encode()
         return hello, bytes(payload)
@@ -1321,7 +1470,8 @@ class _Handshake:
                 HandshakeRefused,
                 RefuseReason.VERSION,
                 f"protocol version {version} is not supported "
-                f"(this side speaks {PROTOCOL_VERSION})",
+                f"(this side speaks {PROTOCOL_VERSION}): run one repctl release on every node "
+                "of the resource",
             )
         try:
             hello = Hello.decode(payload)
@@ -1392,6 +1542,13 @@ class _Handshake:
         if issubclass(error, HandshakeRefused):
             raise error(reason, text)
         raise error(text)
+
+
+def _codec_word(codec: int) -> str:
+    try:
+        return Codec(codec).word
+    except ValueError:
+        return f"codec {codec}"
 
 
 def _auth_mac(

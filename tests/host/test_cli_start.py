@@ -25,8 +25,9 @@ import pytest
 from repctl.control import ControlServer
 
 #: Modules no short command needs: the metadata code and its C parser, the daemon's service,
-#: the metrics endpoint and its library.
+#: the metrics endpoint and its library, the compression codecs (a link that uses one loads it).
 NEVER = {"cffi", "pycparser", "repctl.uapi", "repctl.metadata", "prometheus_client",
+         "zstandard", "lz4",
          *(f"repctl.daemon.{m}" for m in ("events", "stats", "base", "verify", "link", "source",
                                             "target", "failover", "metrics", "service"))}
 

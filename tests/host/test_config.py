@@ -387,6 +387,28 @@ CASES = [
     ("metrics true", _set("global.metrics", True), "global.metrics", "got True"),
     ("metrics a word", _set("global.metrics", "on"), "global.metrics", "got 'on'"),
     ("metrics a list", _set("global.metrics", [9942]), "global.metrics", "got a list"),
+    # compression: a codec, and zstd's level only with zstd
+    ("unknown compression", _set(f"{R0}.targets.gamma.compression", "gzip"),
+     f"{R0}.targets.gamma.compression", "expected a compression: none or lz4 or zstd, got 'gzip'"),
+    ("compression as a boolean", _set(f"{R0}.targets.gamma.compression", True),
+     f"{R0}.targets.gamma.compression", "got True"),
+    ("zstd level too high", _set(f"{R0}.targets.gamma", {"mode": "async", "compression": "zstd",
+                                                         "compression_level": 22}),
+     f"{R0}.targets.gamma.compression_level",
+     "expected a zstd level: an integer from 1 to 19, got 22"),
+    ("zstd level 0", _set(f"{R0}.targets.gamma", {"mode": "async", "compression": "zstd",
+                                                  "compression_level": 0}),
+     f"{R0}.targets.gamma.compression_level", "from 1 to 19, got 0"),
+    ("zstd level a string", _set(f"{R0}.targets.gamma", {"mode": "async", "compression": "zstd",
+                                                         "compression_level": "3"}),
+     f"{R0}.targets.gamma.compression_level", "from 1 to 19, got '3'"),
+    ("level with lz4", _set(f"{R0}.targets.gamma", {"mode": "async", "compression": "lz4",
+                                                    "compression_level": 3}),
+     f"{R0}.targets.gamma.compression_level",
+     ("expected a compression_level only with compression: zstd (lz4 has no levels here, none "
+      "compresses nothing), got 3")),
+    ("level without compression", _set(f"{R0}.targets.beta.compression_level", 1),
+     f"{R0}.targets.beta.compression_level", "only with compression: zstd"),
 ]  # fmt: skip
 
 
@@ -857,6 +879,34 @@ def test_targets_for_a_promoted_target():
     ]
     with pytest.raises(TypeError):
         beta["delta"] = c.Target("delta", sync, None)  # type: ignore[index]
+
+
+def test_compression_per_target_defaults_and_round_trips():
+    res = topology({"beta": {"mode": "sync", "compression": "lz4"},
+                    "gamma": {"mode": "async", "compression": "zstd"}}, extra_nodes=("delta",))
+    assert res.targets["beta"].compression is c.Compression.LZ4
+    assert res.targets["beta"].compression_level is None
+    assert res.targets["gamma"].compression is c.Compression.ZSTD
+    assert res.targets["gamma"].compression_level == 3  # zstd's default, made explicit
+    cfg = c.parse_config(yaml.safe_dump(VALID))
+    assert all(t.compression is c.Compression.NONE and t.compression_level is None
+               for t in cfg.resource("r0").targets.values())  # the default: none
+    assert "compression" not in yaml.safe_dump(cfg.to_dict())
+    data = copy.deepcopy(VALID)
+    data["resources"]["r0"]["targets"]["gamma"].update(compression="zstd", compression_level=19)
+    cfg = c.parse_config(yaml.safe_dump(data))
+    assert cfg.resource("r0").targets["gamma"].compression_level == 19
+    assert c.parse_config(cfg.dump()) == cfg
+    assert cfg.to_dict()["resources"]["r0"]["targets"]["gamma"] == {
+        "mode": "async", "max_lag": "16MiB", "compression": "zstd", "compression_level": 19}
+
+
+def test_targets_for_keeps_the_compression_of_the_promoted_node():
+    res = topology({"beta": {"mode": "sync", "compression": "zstd", "compression_level": 1},
+                    "gamma": {"mode": "async", "compression": "lz4"}})
+    assert res.targets_for("beta")["alpha"] == c.Target(
+        "alpha", c.TargetMode.SYNC, None, c.Compression.ZSTD, 1)
+    assert res.targets_for("beta")["gamma"] == res.targets["gamma"]
 
 
 def test_targets_for_an_ha_pair_is_symmetric():

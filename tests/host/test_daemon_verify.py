@@ -34,6 +34,8 @@ BAD = {5, 4200, 8200}  # chunks that differ on the target
 class FakeTarget:
     """The connection to the target: answers PING at once and each CSUM_REQUEST when allowed."""
 
+    codec = P.Codec.NONE  # as a FramedConnection that negotiated no compression
+
     def __init__(self, link: Any) -> None:
         self.link = link
         self.allow: queue.Queue[None] = queue.Queue()

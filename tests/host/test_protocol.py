@@ -217,8 +217,11 @@ def test_recv_reads_into_the_given_buffer(pair):
         (p.FrameType.RESYNC_CHUNK, struct.pack("<Q", 1) + b"x" * 100, "multiple of 512"),
         (p.FrameType.REFUSE, b"\x01\x00" + b"x" * 2000, "at most 1024"),
         (p.FrameType.HELLO, b"\x01\x00", "at least 88"),
-        (p.FrameType.HELLO, HELLO.encode()[0][:-3], "malformed peer name"),
-        (p.FrameType.HELLO, bytes(HELLO.encode()[0]) + b"!", "1 trailing bytes"),
+        (p.FrameType.HELLO, HELLO.encode()[0][:-7], "malformed peer name"),
+        # version 3: 4 bytes after the names (compression, reserved)
+        (p.FrameType.HELLO, bytes(HELLO.encode()[0]) + b"!", "5 bytes after its names, expected 4"),
+        (p.FrameType.HELLO, HELLO.encode()[0][:-1], "3 bytes after its names, expected 4"),
+        (p.FrameType.HELLO, bytes(HELLO.encode()[0])[:-1] + b"\x01", "non-zero reserved bytes"),
     ],
 )
 def test_malformed_payloads_are_protocol_errors(frame_type, payload, message):
@@ -308,8 +311,8 @@ def test_bad_magic(pair):
 
 
 def test_other_version(pair):
-    error = forged(pair, raw_frame(p.FrameType.PING, 1, bytes(16), version=3))
-    assert "unsupported protocol version 3 in frame 1 (this side speaks 2)" in str(error)
+    error = forged(pair, raw_frame(p.FrameType.PING, 1, bytes(16), version=2))
+    assert "unsupported protocol version 2 in frame 1 (this side speaks 3)" in str(error)
 
 
 def test_unknown_header_flags(pair):
@@ -641,14 +644,14 @@ def test_other_protocol_version_is_refused():
     with a, b:
         tgt = in_thread(lambda: p.handshake(cb, info("beta", p.Role.TARGET), SECRET,
                                             p.Expect(frozenset({"alpha"}))))  # fmt: skip
-        future_hello = struct.pack("<H", 3) + b"whatever version 3 puts here"
-        a.sendall(raw_frame(p.FrameType.HELLO, 1, future_hello, version=3))
+        future_hello = struct.pack("<H", 4) + b"whatever version 4 puts here"
+        a.sendall(raw_frame(p.FrameType.HELLO, 1, future_hello, version=4))
         refusal = ca.recv_message()
         a.close()
         err = tgt()
     assert isinstance(refusal, p.Refuse) and refusal.reason == p.RefuseReason.VERSION
     assert isinstance(err, HandshakeRefused)
-    assert "protocol version 3 is not supported (this side speaks 2)" in str(err)
+    assert "protocol version 4 is not supported (this side speaks 3)" in str(err)
 
 
 def test_unexpected_frame_in_the_handshake_is_a_protocol_error():

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from repctl import protocol as P
+from repctl.compress import Codec, CompressionStats, available
 from repctl.config import Node, SplitBrainPolicy, Target, TargetMode
 from repctl.daemon.base import set_aside, tune
 from repctl.daemon.state import Admin, Connection, Event, LinkState, split_brain_refusal
@@ -61,6 +62,9 @@ class Link:
         self.name = target.name
         self.mode = target.mode
         self.max_lag = target.max_lag or 0  # async: the backlog past which it falls behind
+        self.compression = Codec[target.compression.name]  # offered at each handshake
+        self.compression_level = target.compression_level or 0
+        self.compression_stats = CompressionStats()  # of every connection, since the start
         self.node = node
         self.address = (node.address, res.cfg.port)
         self.state_path = res.state_dir / f"{self.name}.json"
@@ -172,8 +176,17 @@ class Link:
                 "address": f"{self.address[0]}:{self.address[1]}",
                 "out_of_sync_bytes": oos, "bytes_sent": self.bytes_sent,
                 "resync_bytes": self.resync_bytes, "lag_records": lag,
+                **self._compression_status(),
                 "lag_bytes": st.ring_used if lag and st is not None else 0, "sync": sync,
                 "last_error": self.last_error}
+
+    def _compression_status(self) -> dict[str, Any]:
+        """The compression fields of `status`: the codec of the session (null without one)."""
+        conn, stats = self.conn, self.compression_stats
+        return {"compression": conn.codec.word if conn is not None else None,
+                "compression_raw_bytes": stats.raw_bytes,
+                "compression_wire_bytes": stats.wire_bytes,
+                "compression_skipped_bytes": stats.skipped_bytes}
 
     # -- connection ----------------------------------------------------
     def _connect(self) -> P.FramedConnection:
@@ -186,10 +199,11 @@ class Link:
         except BaseException:
             sock.close()
             raise
-        conn = P.FramedConnection(stream)
+        conn = P.FramedConnection(stream, compression_stats=self.compression_stats)
         local = P.HandshakeInfo(resource=res.name, node=res.node, role=P.Role.SOURCE,
                                 device_size=res.size, chunk_size=res.chunk_bytes,
-                                generations=res.generations())
+                                generations=res.generations(), compression=self.compression,
+                                compression_level=self.compression_level)
 
         policy = res.cfg.after_split_brain
 
@@ -210,6 +224,11 @@ class Link:
         except BaseException:
             conn.close()
             raise
+        if peer.compression is not self.compression:
+            log.warning("%s/%s: compression %s is configured, but the %s: sending uncompressed",
+                        res.name, self.name, self.compression.word,
+                        "target does not accept it" if available(self.compression)
+                        else "codec's package is not installed on this node")
         try:
             sock.settimeout(60)  # a large report takes a while on a slow link
             self._take_report(conn, local.generations, peer.generations)

@@ -138,6 +138,15 @@ def build(status: dict[str, Any], stats: Stats) -> list[Metric]:
                "target since the resource came up.", labels=TGT)
     t_resync = c("repctl_target_resync_sent_bytes", "Of repctl_target_sent_bytes_total, the "
                  "resync chunks.", labels=TGT)
+    t_comp_raw = c("repctl_target_compression_raw_bytes", "Data of records and resync chunks "
+                   "sent while a codec was negotiated with the target, before compression.",
+                   labels=TGT)
+    t_comp_wire = c("repctl_target_compression_wire_bytes", "What went on the wire for "
+                    "repctl_target_compression_raw_bytes_total: compressed, or as it was where "
+                    "compression did not pay.", labels=TGT)
+    t_comp_skip = c("repctl_target_compression_skipped_bytes", "Of "
+                    "repctl_target_compression_raw_bytes_total, the data sent uncompressed "
+                    "because it did not compress to 7/8 of its size or less.", labels=TGT)
     t_fallbacks = c("repctl_target_fallbacks", "Times an async target passed its max_lag and "
                     "fell into its bitmap.", labels=[*TGT, "reason"])
     t_latency = HistogramMetricFamily(
@@ -181,6 +190,9 @@ def build(status: dict[str, Any], stats: Stats) -> list[Metric]:
             t_eta.add_metric(tl, _num(sync.get("eta_s")) if sync else 0.0)
             t_sent.add_metric(tl, float(t.get("bytes_sent", 0)))
             t_resync.add_metric(tl, float(t.get("resync_bytes", 0)))
+            t_comp_raw.add_metric(tl, float(t.get("compression_raw_bytes", 0)))
+            t_comp_wire.add_metric(tl, float(t.get("compression_wire_bytes", 0)))
+            t_comp_skip.add_metric(tl, float(t.get("compression_skipped_bytes", 0)))
 
     for (resource, reason), n in sorted(stats.fallbacks.items()):
         fallbacks.add_metric([node, resource, reason], float(n))
@@ -196,8 +208,8 @@ def build(status: dict[str, Any], stats: Stats) -> list[Metric]:
 
     return [info, role, failed, disk, replica, connected, received, size, kmode, dirty,
             ring_used, ring_size, fallbacks, refusals, t_info, t_state, t_connected, t_lag_rec,
-            t_lag_bytes, t_oos, t_done, t_total, t_rate, t_eta, t_sent, t_resync, t_fallbacks,
-            t_latency]
+            t_lag_bytes, t_oos, t_done, t_total, t_rate, t_eta, t_sent, t_resync, t_comp_raw,
+            t_comp_wire, t_comp_skip, t_fallbacks, t_latency]
 
 
 class MetricsServer:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from repctl import protocol as P
+from repctl.compress import CompressionStats
 from repctl.config import Resource, TargetMode
 from repctl.daemon.base import (
     READ_PIECE,
@@ -76,6 +77,7 @@ class TargetResource(ResourceBase):
         self.state = ReplicaState.DISCONNECTED
         self.disk = DiskState.INCONSISTENT if not self.saved["consistent"] else DiskState.CONSISTENT
         self.bytes_received = 0
+        self.compression_stats = CompressionStats()  # of the primary's sessions, since the start
         self.in_sync = False  # the primary said so (RESYNC_DONE) in this session
         self.listener = Listener(self.name, (cfg.nodes[self.node].address, cfg.port), self._handle)
 
@@ -146,7 +148,8 @@ class TargetResource(ResourceBase):
         try:
             tune(sock)
             try:
-                conn = P.FramedConnection(self.transport.server(sock, peer))
+                conn = P.FramedConnection(self.transport.server(sock, peer),
+                                          compression_stats=self.compression_stats)
                 info = P.handshake(conn, self._local_info(), self.secret,
                                    P.Expect(frozenset(self.cfg.targets_for(self.node)), claim))
             finally:
@@ -324,6 +327,10 @@ class TargetResource(ResourceBase):
                 "connection": Connection.CONNECTED if self.conn is not None else Connection.WAITING,
                 "state": state,
                 "consistent": bool(self.saved["consistent"]), "bytes_received": self.bytes_received,
+                "compression": conn.codec.word if (conn := self.conn) is not None else None,
+                "compression_raw_bytes": self.compression_stats.raw_bytes,
+                "compression_wire_bytes": self.compression_stats.wire_bytes,
+                "compression_skipped_bytes": self.compression_stats.skipped_bytes,
                 "generation": f"{int(self.saved['current']):#x}", "last_error": self.last_error,
                 "targets": []}
 

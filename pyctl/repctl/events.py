@@ -1,9 +1,12 @@
 """Mode changes of dm-repl targets, as the kernel announces them over netlink.
 
 The target raises a KOBJ_CHANGE uevent on its dm disk with DM_REPL_MODE,
-DM_REPL_REASON and DM_REPL_EVENT (see docs/dm-repl.rst).  The daemon also
-polls the consumer file (POLLPRI) and DM_DEV_WAIT; this is the way for
-anything that is not the consumer (``repctl events``, monitoring) to hear them.
+DM_REPL_REASON and DM_REPL_EVENT (see docs/dm-repl.rst).  The daemon does not
+use this module: it is the consumer, and its engine is woken by POLLPRI on the
+consumer's file, which carries the same mode changes, sooner (no work item in
+between) and without a netlink socket; `repctl events` shows what the daemon
+made of them.  This is the way for anything that is not the consumer (a
+monitoring tool, the VM test of the kernel's uevents) to hear them.
 """
 
 from __future__ import annotations

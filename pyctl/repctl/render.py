@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from repctl.daemon.state import LinkState, Role
+from repctl.daemon.state import Event, LinkState, Role
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
@@ -509,11 +509,18 @@ class _ProgressView:
 # --------------------------------------------------------------------------------------------
 
 
-def event_line(event: Mapping[str, Any]) -> str:
-    """One line for an event: ``12:03:04 r0/beta state: syncing -> streaming (caught up)``.
+#: The keys `event_line` shows in its own way; any other is appended as ``key=value``.
+_EVENT_KEYS = frozenset({"time", "resource", "target", "what", "old", "new", "text"})
+_PROGRESS_KEYS = frozenset({"done_bytes", "total_bytes", "percent", "rate_bps", "eta_s"})
 
-    Known keys: time (unix seconds), resource, target, what, old, new, text; any other key is
-    appended as ``key=value``.
+
+def event_line(event: Mapping[str, Any]) -> str:
+    """One line for an event: ``12:03:04 r0/beta state: syncing -> streaming (caught up)``, or
+    for a resync's progress ``12:03:05 r0/beta progress: 37.5% 12.0 MiB/s ETA 1m04s (1.5 GiB
+    of 4.0 GiB)``.
+
+    Known keys: time (unix seconds), resource, target, what, old, new, text, and a progress
+    event's fields (docs/cli.md); any other key is appended as ``key=value``.
     """
     when = event.get("time")
     stamp = (
@@ -525,14 +532,31 @@ def event_line(event: Mapping[str, Any]) -> str:
     if event.get("target"):
         where += f"/{event['target']}"
     line = f"{stamp} {where} {event.get('what') or 'event'}"
+    known = _EVENT_KEYS
+    if event.get("what") == Event.PROGRESS:
+        known |= _PROGRESS_KEYS
+        line += f": {_progress_text(event)}"
     if "old" in event or "new" in event:
         line += f": {event.get('old') or '?'} -> {event.get('new') or '?'}"
     if event.get("text"):
         line += f" ({event['text']})"
-    extra = [
-        f"{k}={v}" for k, v in event.items()
-        if k not in {"time", "resource", "target", "what", "old", "new", "text"}
-    ]
+    extra = [f"{k}={v}" for k, v in event.items() if k not in known]
     if extra:
         line += " " + " ".join(extra)
     return line
+
+
+def _progress_text(event: Mapping[str, Any]) -> str:
+    """``37.5% 12.0 MiB/s ETA 1m04s (1.5 GiB of 4.0 GiB)``: the percent as the event says it."""
+    parts = []
+    percent = _num(event.get("percent"))
+    if percent is not None:
+        parts.append(f"{percent:.1f}%")
+    if _num(event.get("rate_bps")) is not None:
+        parts.append(human_rate(event["rate_bps"]))
+    if _num(event.get("eta_s")) is not None:
+        parts.append(f"ETA {human_duration(event['eta_s'])}")
+    done, total = event.get("done_bytes"), event.get("total_bytes")
+    if total is not None:
+        parts.append(f"({human_bytes(done)} of {human_bytes(total)})")
+    return " ".join(parts) or MISSING

@@ -260,7 +260,7 @@ class FakeConsumer:
         self.cleaned: list[int] = []
         self.st = SimpleNamespace(published=10, streaming=True, dirty_chunks=5, ring_used=0,
                                   ring_bytes=1 << 20, acked=0, stream_start=1, reason="",
-                                  ring_end=11)
+                                  ring_end=11, events=1)
 
     def state(self) -> Any:
         return self.st
@@ -412,7 +412,7 @@ def test_a_bug_in_the_engine_fails_the_resource_visibly(tmp_path: Path) -> None:
     res = make_source(tmp_path)
     events = res.events.subscribe()
 
-    def broken() -> None:
+    def broken() -> bool:
         raise KeyError("a bug")
 
     res._cycle = broken  # type: ignore[method-assign]

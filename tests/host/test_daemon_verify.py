@@ -76,7 +76,7 @@ def source(tmp_path: Path) -> Iterator[tuple[SourceResource, FakeTarget]]:
     }))
     config = load_config(cfg)
     res = SourceResource(Daemon(config, "alpha"), config.resource("r0"))
-    res.consumer = SimpleNamespace(state=lambda: SimpleNamespace(published=0))  # type: ignore[assignment]
+    res.consumer = SimpleNamespace(state=lambda: SimpleNamespace(published=0, events=0))  # type: ignore[assignment]
     res.read_fd = os.open(data, os.O_RDONLY)
     link = res.link("beta")
     target = FakeTarget(link)

@@ -3,7 +3,7 @@
 Two daemons run in this process on loopback addresses: beta, a real `Daemon` whose target
 resource writes into an image file, started as `repctl daemon` starts it; and alpha, the
 primary, a real `Daemon` and `SourceResource` (engine, links, listener) whose kernel consumer
-is an in-memory ring (`FakeRing`: no device-mapper on the host). Between them the real wire
+is an in-memory ring (`fakering.FakeRing`: no device-mapper on the host). Between them the real wire
 protocol: a full sync, then records, acknowledged durable. Each daemon serves its metrics on
 127.0.0.1, an ephemeral port; the test reads them as Prometheus does, parsed with
 prometheus_client's own parser.
@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fakering import start_without_device_mapper
 from prometheus_client.parser import text_string_to_metric_families
 from repctl import __version__, cli
 from repctl import protocol as P
@@ -79,104 +78,6 @@ def with_metrics(config: Config) -> Config:
     """`config` serving metrics on 127.0.0.1, a port the kernel picks (the file cannot say 0)."""
     return dataclasses.replace(
         config, global_=dataclasses.replace(config.global_, metrics=("127.0.0.1", 0)))
-
-
-class FakeRing:
-    """The kernel consumer of /dev/mapper/r0, in memory: the records the test writes (also
-    written into the data file, as the device would), acks, releases, a fall into tracking."""
-
-    def __init__(self, nr_chunks: int, data_dev: str) -> None:
-        self.cond = threading.Condition()
-        self.data_dev = data_dev
-        self.nbytes = -(-nr_chunks // 8)
-        self.records: dict[int, SimpleNamespace] = {}
-        self.next_seq = 1
-        self.stream_start = 0  # never streamed yet
-        self.ring_end = 0
-        self.acked = 0
-        self.streaming = False
-        self.reason = "no_consumer"
-
-    # -- what the test does, as the kernel would
-    def write(self, sector: int, data: bytes) -> int:
-        with open(self.data_dev, "r+b") as f:
-            f.seek(sector * 512)
-            f.write(data)
-        with self.cond:
-            seq = self.next_seq
-            self.records[seq] = SimpleNamespace(seq=seq, sector=sector, length=len(data),
-                                                op="write", fua=False, data=memoryview(data))
-            self.next_seq += 1
-            self.ring_end = self.next_seq
-            self.cond.notify_all()
-            return seq
-
-    def fall_behind(self, reason: str) -> None:
-        with self.cond:
-            self.streaming, self.reason = False, reason
-            self.cond.notify_all()
-
-    # -- the Consumer's interface (repctl.ring)
-    def state(self) -> Any:
-        with self.cond:
-            used = sum(r.length for s, r in self.records.items() if s > self.acked)
-            return SimpleNamespace(
-                mode="streaming" if self.streaming else "tracking", reason=self.reason,
-                streaming=self.streaming, stream_start=self.stream_start,
-                ring_end=self.ring_end, published=self.next_seq - 1, acked=self.acked,
-                dirty_chunks=0, ring_used=used, ring_bytes=32 << 20)
-
-    def start_stream(self) -> int:
-        with self.cond:
-            self.stream_start = self.ring_end = self.next_seq
-            self.acked = self.next_seq - 1
-            self.records.clear()
-            self.streaming, self.reason = True, "started"
-            return self.next_seq
-
-    def mark(self) -> int:
-        return self.next_seq
-
-    def bitmap(self) -> bytes:
-        return bytes(self.nbytes)  # the writes are all in the ring: nothing tracked
-
-    def clean(self, mark: int) -> None:
-        pass
-
-    def ack(self, seq: int) -> None:
-        with self.cond:
-            self.acked = max(self.acked, seq)
-            for s in [s for s in self.records if s <= seq]:
-                del self.records[s]
-
-    def release(self, seq: int) -> None:
-        pass
-
-    def set_sync(self, on: bool) -> None:
-        pass
-
-    def wait(self, after: int, timeout_ms: int = 1000, batch: int = 1) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.next_seq - 1 > after or not self.streaming,
-                               timeout_ms / 1000)
-
-    def record(self, seq: int) -> Any:
-        with self.cond:
-            return self.records[seq]
-
-    def close(self) -> None:
-        pass
-
-
-def start_without_device_mapper(self: SourceResource) -> None:
-    """SourceResource.start with the FakeRing in place of the device and its consumer."""
-    self._bind_generation("11111111-1111-1111-1111-111111111111")
-    self.consumer = FakeRing(self.nr_chunks, self.data_dev)  # type: ignore[assignment]
-    self.read_fd = os.open(self.data_dev, os.O_RDONLY | os.O_CLOEXEC)
-    self.engine.start()
-    for link in self.links.values():
-        link.thread.start()
-    self.listener.start()
 
 
 def until(cond: Any, what: str, timeout: float = 20) -> None:

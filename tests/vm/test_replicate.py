@@ -297,6 +297,78 @@ def test_sync_target_has_the_write_when_it_completes(cluster):
         assert direct_read(c.beta_dev, off, CHUNK) == data, f"write {i} not on beta at completion"
 
 
+def test_events_follow_a_pause_and_a_resume(cluster):
+    """alpha's events over its control socket (what `repctl events` prints), on the real module:
+    gamma paused, 8 MiB written, gamma resumed: its connection and state changes, and its
+    resync's progress up to 100 %, as they happen."""
+    import itertools
+    import socket
+    import threading
+
+    from repctl.control import ControlClient, encode
+
+    c = cluster
+    c.wait_converged()
+    path = ROOT / "alpha" / "repctl.sock"
+    events: list[dict] = []
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(path))
+    conn.sendall(encode({"cmd": "events", "args": {}}))
+
+    def follow() -> None:
+        with conn.makefile("rb") as lines:
+            for line in lines:
+                msg = json.loads(line)
+                if "event" in msg:
+                    events.append(msg["event"])
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(1)  # the daemon subscribes us when it reads the request
+    client = ControlClient(path)
+
+    def gamma(what: str) -> list[dict]:
+        return [e for e in list(events) if e["what"] == what and e.get("target") == "gamma"]
+
+    def changes(what: str) -> list[tuple[str, str]]:
+        return [(e["old"], e["new"]) for e in gamma(what)]
+
+    written = 8 << 20
+    try:
+        client.call("pause", resource="r0", target="gamma")
+        wait_for(lambda: ("streaming", "paused") in changes("state"), 30, "gamma's pause")
+        rng = random.Random(11)
+        for i in range(written >> 20):
+            direct_write(c.dev, (8 + 3 * i) << 20, rng.randbytes(1 << 20))
+        client.call("resume", resource="r0", target="gamma")
+        wait_for(lambda: any(e["percent"] == 100.0 for e in gamma("progress")), 60,
+                 "gamma's resync to end")
+        wait_for(lambda: ("syncing", "streaming") in changes("state"), 30, "gamma to stream")
+    finally:
+        conn.shutdown(socket.SHUT_RDWR)
+        reader.join(10)
+        conn.close()
+    print("\n".join(json.dumps(e) for e in events))
+
+    def in_order(seen: list[tuple[str, str]], wanted: list[tuple[str, str]]) -> bool:
+        it = iter(seen)
+        return all(w in it for w in wanted)  # a subsequence
+
+    assert in_order(changes("state"), [("streaming", "paused"), ("paused", "connecting"),
+                                       ("connecting", "syncing"), ("syncing", "streaming")])
+    assert in_order(changes("connection"), [("connected", "down"), ("down", "connecting"),
+                                            ("connecting", "connected")])
+    progress = gamma("progress")
+    last = progress[-1]
+    assert last["percent"] == 100.0 and last["eta_s"] == 0.0
+    assert last["done_bytes"] == last["total_bytes"] >= written
+    percents = [e["percent"] for e in progress]
+    assert percents == sorted(percents)
+    times = [e["time"] for e in progress]
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(times[:-1])), times  # 1 a second
+    c.wait_converged()
+
+
 def scrape(node: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """The metrics `node`'s daemon serves, read from inside its namespace: (name, labels) ->
     value."""

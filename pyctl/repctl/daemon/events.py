@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+from repctl.daemon.state import Event
+
 log = logging.getLogger("repctl.daemon")
 
 __all__ = ["Events"]
@@ -33,7 +35,9 @@ class Events:
 
     def emit(self, **event: Any) -> None:
         event.setdefault("time", time.time())
-        log.info("event: %s", " ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
+        # a resync's progress comes every second: the log has its start and end as states
+        log.log(logging.DEBUG if event.get("what") == Event.PROGRESS else logging.INFO,
+                "event: %s", " ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
         with self._lock:
             for q in list(self._subs):
                 try:

@@ -45,6 +45,7 @@ RECONNECT_DELAY = 1.0
 SPLIT_BRAIN_RETRY = 5.0  # seconds between tries while a split brain refuses (each reads a report)
 FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
 UNACKED_MAX = 4096       # sent batches a sync link times until their durable ack, at most
+PROGRESS_INTERVAL = 1.0  # seconds between a resync's progress events, at least
 
 # refusals that mean a split brain: our data and the peer's diverged, or both are primary
 SPLIT_REASONS = frozenset({P.RefuseReason.SPLIT_BRAIN, P.RefuseReason.ROLE_CONFLICT})
@@ -114,6 +115,9 @@ class Link:
         self.sync_total = 0
         self.sync_done = 0
         self.sync_started = 0.0
+        self.progress_at = 0.0   # when the last progress event of this resync was emitted
+        self.words_lock = threading.Lock()  # orders the connection events of several threads
+        self.connection = self._connection()  # as the last `connection` event said
         self.wake = threading.Event()
         # held while ring records are read and sent: the engine takes it before
         # it lets the kernel reuse ring space this link may still be sending
@@ -149,7 +153,48 @@ class Link:
         save_json(self.state_path, self.saved)
         if admin is Admin.UP:
             self.refusal = None  # an old refusal is not this try's: `--wait` fails fast on one
+        self._connection_changed(f"{admin} by the administrator" if admin is not Admin.UP
+                                 else "the administrator asked to connect")
         self.wake.set()  # the sender stops at a record boundary (_pause)
+
+    def _connection_changed(self, why: str) -> None:
+        """Emit a `connection` event if this target's connection (as `status` says it) is not
+        what the last one said."""
+        with self.words_lock:
+            new = self._connection()
+            if new == self.connection:
+                return
+            old, self.connection = self.connection, new
+            self.res.events.emit(resource=self.res.name, target=self.name,
+                                 what=Event.CONNECTION, old=old, new=new, text=why)
+
+    def sync_progress(self) -> dict[str, Any]:
+        """How far the resync is: bytes done of the bytes it has to send, the average rate since
+        it started (bytes per second) and the seconds left at that rate (None before a rate)."""
+        elapsed = max(time.monotonic() - self.sync_started, 1e-6)
+        rate = self.sync_done / elapsed
+        left = max(self.sync_total - self.sync_done, 0)
+        return {"done_bytes": self.sync_done, "total_bytes": self.sync_total,
+                "rate_bps": rate, "eta_s": (left / rate) if rate > 0 else None}
+
+    def _progress(self, *, final: bool = False) -> None:
+        """Emit a `progress` event of the resync: at most every PROGRESS_INTERVAL, and at its
+        end (`final`: 100 %, done_bytes == total_bytes)."""
+        now = time.monotonic()
+        if not final and now - self.progress_at < PROGRESS_INTERVAL:
+            return
+        self.progress_at = now
+        p = self.sync_progress()
+        if final:  # the last chunk may be short, another pass may have added chunks
+            p["done_bytes"] = p["total_bytes"] = max(p["done_bytes"], p["total_bytes"])
+            p["eta_s"] = 0.0
+        total = p["total_bytes"]
+        percent = min(100.0, 100.0 * p["done_bytes"] / total) if total else 100.0
+        eta = p["eta_s"]
+        self.res.events.emit(resource=self.res.name, target=self.name, what=Event.PROGRESS,
+                             done_bytes=p["done_bytes"], total_bytes=total,
+                             percent=round(percent, 1), rate_bps=round(p["rate_bps"], 1),
+                             eta_s=None if eta is None else round(eta, 1))
 
     def _connection(self) -> str:
         """The `connection` of this target in `status`."""
@@ -163,13 +208,7 @@ class Link:
     def status(self) -> dict[str, Any]:
         st = self.res.kstate
         oos = self.oos.count() * self.res.chunk_bytes
-        sync = None
-        if self.state is LinkState.SYNCING:
-            elapsed = max(time.monotonic() - self.sync_started, 1e-6)
-            rate = self.sync_done / elapsed
-            left = max(self.sync_total - self.sync_done, 0)
-            sync = {"done_bytes": self.sync_done, "total_bytes": self.sync_total,
-                    "rate_bps": rate, "eta_s": (left / rate) if rate > 0 else None}
+        sync = self.sync_progress() if self.state is LinkState.SYNCING else None
         lag = max(st.published - self.ack, 0) if st is not None and self.joined else 0
         return {"name": self.name, "mode": str(self.mode), "state": self.state,
                 "connection": self._connection(),
@@ -300,6 +339,7 @@ class Link:
         if conn is not None:
             conn.close()
         self.res.unjoin(self)
+        self._connection_changed(why)
         if not self.res.stopping.is_set():
             # out of session while the device serves writes; a stop (down, demote, a crash)
             # leaves the record as it was: no write came after it
@@ -395,6 +435,7 @@ class Link:
                         self.refusal is None or self.refusal.reason != refusal.reason):
                     self.res.split_brain(self.name, str(refusal))
                 self.refusal = refusal
+                self._connection_changed(str(e))
                 log.warning("%s/%s: cannot connect to %s:%s: %s", self.res.name, self.name,
                             *self.address, e)
                 split = refusal is not None and refusal.reason in SPLIT_REASONS
@@ -406,6 +447,7 @@ class Link:
             self.sent_max = 0
             self.unacked.clear()
             self.conn = conn
+            self._connection_changed(f"connected to {self.address[0]}:{self.address[1]}")
             threading.Thread(target=self._receiver, args=(conn,), daemon=True,
                              name=f"recv-{self.res.name}-{self.name}").start()
             try:
@@ -469,7 +511,7 @@ class Link:
         self.set_in_session(True)
         pending = self.oos.count()
         self.sync_total, self.sync_done = pending * self.res.chunk_bytes, 0
-        self.sync_started = time.monotonic()
+        self.sync_started = self.progress_at = time.monotonic()
         if pending:
             self.set_state(LinkState.BEHIND if self.state is LinkState.STREAMING
                            else LinkState.SYNCING, f"{pending} chunks to resync")
@@ -480,6 +522,8 @@ class Link:
         """The target holds our data but for the records in flight: it takes our generation,
         and this link's bitmap is kept against it from now on."""
         conn.send_message(P.ResyncDone(0))
+        if self.sync_total:
+            self._progress(final=True)
         self.by_checksum = False  # the target holds our data: its bitmap is known from now on
         gen = self.res.generations().current
         if self.saved.get("peer_gen") != gen:
@@ -514,6 +558,7 @@ class Link:
                 self.oos.clear(r, s.epoch)
             self.sync_done += nbytes
             self.oos.save()
+            self._progress()
         if run is not None:
             return "sent a resync run"
         if s.inflight or s.unconfirmed:
@@ -558,7 +603,7 @@ class Link:
             return self._send_records_locked(conn)
 
     def _send_records_locked(self, conn: P.FramedConnection) -> int:
-        st = self.res.consumer.state()
+        st = self.res.kernel_state()
         if self.pos < st.stream_start or not st.streaming and self.pos >= st.ring_end:
             return 0
         last = min(st.published, st.ring_end - 1)

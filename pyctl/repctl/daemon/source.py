@@ -15,9 +15,11 @@ taken after M into its persistent OOS file.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -40,13 +42,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("repctl.daemon")
 
-__all__ = ["SourceResource"]
+__all__ = ["SourceResource", "Wakeup"]
 
 CLEAN_INTERVAL = 1.0     # seconds between MARK / CLEAN cycles
 LOCK_WAIT = 1.0          # the engine waits this long for a link's sender before it cuts the link
+LAG_POLL = 0.05          # seconds between the engine's looks at the ring while records wait in it
+IDLE_WAIT = 10.0         # the engine's longest sleep, with nothing in the ring and nothing to clean
 
 GENERATION_ACTION = ("the resource stays down: restore the file from a backup of the state folder, "
                      "or see docs/architecture.md, \"State files\", to start a new generation")
+
+
+class Wakeup:
+    """A wake-up for a thread that sleeps in poll(): after `set`, from any thread, `fileno` is
+    readable until `clear`. An eventfd, so that the sleeper polls it together with the kernel's
+    file. The sleeper clears it when it wakes, before its work: a `set` during the work makes
+    its next poll return at once (a clear after the work would lose that set)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # a set never writes to a closed (or reused) descriptor
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def set(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.eventfd_read(self._fd)
+                except BlockingIOError:
+                    pass  # not set
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class SourceResource(ResourceBase):
@@ -69,7 +106,9 @@ class SourceResource(ResourceBase):
         self.gen = load_json(self.gen_path, {}, action=GENERATION_ACTION, check=check_generation)
         self.lock = threading.RLock()
         self.stopping = threading.Event()
-        self.engine_wake = threading.Event()
+        self.engine_wake = Wakeup()  # acks, joins, stop: the engine looks again (`_sleep`)
+        self.seen = (-1, -1)  # (events, published) of the kernel state the engine last acted on
+        self.watching = False  # the engine sleeps until the next record is published
         self.consumer: Consumer = None  # type: ignore[assignment]
         self.kstate: State | None = None
         self.dev_path = f"/dev/mapper/{self.name}"
@@ -151,6 +190,7 @@ class SourceResource(ResourceBase):
     def _stop_links(self) -> None:
         """Stop every link (they see `stopping`) and wait until none reads the ring."""
         self.stopping.set()
+        self.engine_wake.set()
         for link in self.links.values():
             link.wake.set()
             if link.conn is not None:
@@ -175,6 +215,7 @@ class SourceResource(ResourceBase):
             self.read_fd = -1
         if self.consumer is not None:
             self.consumer.close()
+        self.engine_wake.close()
         if remove:
             dm.remove_device(self.name)
         self.events.emit(resource=self.name, what=Event.DOWN)
@@ -202,7 +243,7 @@ class SourceResource(ResourceBase):
         `stop` then lets the kernel forget what the drained targets hold."""
         deadline = time.monotonic() + timeout
         while True:
-            st = self.consumer.state()
+            st = self.kernel_state()
             with self.lock:
                 joined = [l for l in self.links.values() if l.joined]
             # a target still resyncing lacks chunks that no record will bring: not drained
@@ -304,14 +345,30 @@ class SourceResource(ResourceBase):
                 link.oos.save()
         return mark
 
+    def kernel_state(self) -> State:
+        """The kernel's state (GET_STATE), for any thread but the engine's own cycle.
+
+        Every GET_STATE on the consumer's file moves that file's baseline for poll (docs/
+        dm-repl.rst, "poll"): a mode change read here would no longer raise POLLPRI for the
+        engine, nor a record published while it sleeps POLLIN. So what the engine has not
+        seen yet is passed on to it as a wake-up.
+        """
+        st = self.consumer.state()
+        events, published = self.seen
+        if st.events != events or (self.watching and st.published != published):
+            self.engine_wake.set()
+        return st
+
     def _engine(self) -> None:
-        """The engine's thread. An OSError or ReplError is retried each second; anything else
-        is a bug: the resource goes to state `failed`, the consumer detaches (the kernel goes on
-        serving I/O and tracks every change in its bitmap, P5) and the targets stop, until
-        `repctl down` and `up`."""
+        """The engine's thread: a cycle, then a sleep until something needs it (`_sleep`). An
+        OSError or ReplError is retried each second; anything else is a bug: the resource goes
+        to state `failed`, the consumer detaches (the kernel goes on serving I/O and tracks
+        every change in its bitmap, P5) and the targets stop, until `repctl down` and `up`."""
+        poller = select.poll()
+        poller.register(self.engine_wake.fileno(), select.POLLIN)
         while not self.stopping.is_set():
             try:
-                self._cycle()
+                self._sleep(poller, self._cycle())
             except (OSError, ReplError) as e:
                 log.exception("%s: engine: %s", self.name, e)
                 self.events.emit(resource=self.name, what=Event.ERROR, text=str(e))
@@ -319,8 +376,42 @@ class SourceResource(ResourceBase):
             except Exception as e:
                 self._fail(f"engine: internal error: {e!r}")
                 return
-            self.engine_wake.wait(0.05)
-            self.engine_wake.clear()
+
+    def _sleep(self, poller: select.poll, busy: bool) -> None:
+        """Sleep until something needs the engine (docs/architecture.md, "The engine's
+        wake-ups"): a wake-up (`engine_wake`: an ack, a join, a pause, a stop), a mode change
+        of the kernel (POLLPRI), the next CLEAN cycle; while records wait in the ring (`busy`),
+        every LAG_POLL as well, so that the max_lag check sees the ring grow; with the ring
+        empty, the next record published (POLLIN), and at most IDLE_WAIT.
+
+        No wake-up is lost: `engine_wake` is an eventfd, cleared only after the sleep, before
+        the next cycle reads anything; the kernel's file stays readable while its state
+        differs from what the engine last read, and a GET_STATE of another thread, which
+        moves that baseline, wakes the engine itself (`kernel_state`)."""
+        kernel = self.consumer.fileno()
+        if busy:
+            timeout, mask = LAG_POLL, select.POLLPRI
+        else:
+            st = self.kstate
+            if self.pending_clean is not None or (st is not None and st.dirty_chunks):
+                timeout = max(self.last_clean + CLEAN_INTERVAL - time.monotonic(), 0.0)
+            else:
+                timeout = IDLE_WAIT
+            mask = select.POLLPRI | select.POLLIN
+            # say so first, then take the kernel's baseline again: a record published since
+            # the cycle read the state, or read by a link from now on, wakes the engine
+            self.watching = True
+            st = self.consumer.state()
+            if (st.events, st.published) != self.seen:
+                self.watching = False
+                return  # something moved since the cycle looked: look again at once
+        poller.register(kernel, mask)
+        try:
+            poller.poll(math.ceil(timeout * 1000))
+        finally:
+            self.watching = False
+            poller.unregister(kernel)
+        self.engine_wake.clear()
 
     def _fail(self, why: str) -> None:
         log.exception("%s: %s: the resource has failed", self.name, why)
@@ -346,9 +437,13 @@ class SourceResource(ResourceBase):
         with link.send_lock:
             pass
 
-    def _cycle(self) -> None:
+    def _cycle(self) -> bool:
+        """One turn of the engine, in order: a new ring if the kernel fell behind, the targets
+        that want to join, RELEASE and ACK, the max_lag check, the MARK / CLEAN cycle. True
+        while records wait in the ring (the engine looks again soon: `_sleep`)."""
         st = self.consumer.state()
         self.kstate = st
+        self.seen = (st.events, st.published)
         links = list(self.links.values())
         if not st.streaming:
             self.pending_clean = None  # the new ring's absorb covers it
@@ -367,9 +462,9 @@ class SourceResource(ResourceBase):
             mark = self._absorb(links)
             # every target holds everything before the mark in its own bitmap
             self.consumer.clean(mark)
-            self.kstate = st = self.consumer.state()
+            self.kstate = st = self.kernel_state()
             self._admit(mark)
-            return
+            return True
 
         with self.lock:
             wanting = [l for l in links if l.join_wanted and not l.joined]
@@ -386,17 +481,21 @@ class SourceResource(ResourceBase):
         if bool(sync_joined) != self.sync_on:
             self.sync_on = bool(sync_joined)
             self.consumer.set_sync(self.sync_on)
+        acked = st.acked
+        moved = False  # an ACK or RELEASE: the kernel's numbers changed since `st`
         try:
             if sync_joined:
                 release = min(min(l.durable for l in sync_joined), st.published)
                 if release > self.released:
                     self.consumer.release(release)
                     self.released = release
+                    moved = True
             ack = min((l.durable if l.mode is TargetMode.SYNC else l.ack) for l in joined) \
                 if joined else st.published
             ack = min(ack, st.published)
             if ack > st.acked and ack >= st.stream_start - 1:
                 self.consumer.ack(ack)
+                acked, moved = ack, True
         except RingError as e:
             log.debug("%s: ack/release: %s", self.name, e)
 
@@ -419,6 +518,9 @@ class SourceResource(ResourceBase):
         if time.monotonic() - self.last_clean >= CLEAN_INTERVAL:
             self.last_clean = time.monotonic()
             self._clean_cycle(links)
+        # records still in the ring: a lagging async target must be seen to grow (max_lag);
+        # after an ACK, one more look refreshes `kstate` for the status
+        return moved or st.published > acked
 
     def _admit(self, mark: int, links: list[Link] | None = None) -> None:
         with self.lock:
@@ -536,7 +638,7 @@ class SourceResource(ResourceBase):
     def _compare(self, link: Link, conn: P.FramedConnection, chunks: range | list[int],
                  progress: VerifyProgress | None = None) -> set[int]:
         # everything published now must be durable on the target first
-        published = self.consumer.state().published
+        published = self.kernel_state().published
         deadline = time.monotonic() + 30
         with link.cond:
             while link.durable < published and link.joined and time.monotonic() < deadline:

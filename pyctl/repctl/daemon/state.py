@@ -149,3 +149,5 @@ class Event(StrEnum):
     ROLE = "role"                      # this node's role changed: `old`, `new`, `text`
     DISK = "disk"                      # a secondary's disk state changed: `old`, `new`, `text`
     SPLIT_BRAIN = "split_brain"        # a peer's data diverged from ours: `peer`, `text`
+    CONNECTION = "connection"          # a target's `connection` changed: `old`, `new`, `text`
+    PROGRESS = "progress"              # a resync's progress: `done_bytes`, `total_bytes`, ...

@@ -156,6 +156,9 @@ class TargetResource(ResourceBase):
                 self.listener.handshake_over()
             shaken = True
             self.last_error = None
+            self.events.emit(resource=self.name, target=self.node, what=Event.CONNECTION,
+                             old=Connection.WAITING, new=Connection.CONNECTED, peer=info.node,
+                             text=f"source {info.node} at {peer[0]}")
             self._report_out_of_sync(conn, info)
             self._serve(conn, info)
         except HandshakeRefused as e:
@@ -179,6 +182,11 @@ class TargetResource(ResourceBase):
                     if self.conn is conn:
                         self.conn, self.peer = None, None
                 self._set_state(ReplicaState.DISCONNECTED)
+                if shaken:
+                    self.events.emit(resource=self.name, target=self.node,
+                                     what=Event.CONNECTION, old=Connection.CONNECTED,
+                                     new=Connection.WAITING, peer=info.node,
+                                     text=self.last_error or "closed")
 
     def _hook(self, event: HookEvent, peer: str) -> None:
         run_hooks(self.cfg, event, node=self.node, peer=peer, role=Role.SECONDARY,

@@ -130,8 +130,12 @@ class Node:
         lines = ["global:", f"  control_socket: {SOCK}", f"  state_dir: {STATE}",
                  f"  secret_file: {secret}", "resources:"]
         for r, (mode, port) in RESOURCES.items():
+            # the async resource's ring absorbs the file churn's bursts: an async target that
+            # falls behind is resynced from the bitmap, and while it is, it is Inconsistent and
+            # cannot be promoted (docs/failover.md), which this test does not model yet
+            ring = "32MiB" if mode == "async" else "8MiB"
             lines += [f"  {r}:", f"    port: {port}", "    chunk_size: 4KiB",
-                      "    ring_size: 8MiB", "    sync_timeout: 5s", "    source: alpha",
+                      f"    ring_size: {ring}", "    sync_timeout: 5s", "    source: alpha",
                       "    nodes:"]
             # Both guests have their own disks with the same serials, so the same paths.
             for n, addr in NODES.items():
@@ -219,8 +223,13 @@ class Node:
         for r in RESOURCES:
             p = sh(REPCTL, "-c", str(CFG), "promote", r, check=False)
             if p.returncode:
+                why = ""
+                if "Inconsistent" in p.stderr and RESOURCES[r][0] == "async":
+                    why = ("; the async copy was being resynced (its target fell behind) when "
+                           "the power went: refused as designed, a case this test does not "
+                           "model yet")
                 raise RuntimeError(f"repctl promote {r} failed ({p.returncode}): "
-                                   f"{p.stderr.strip()}")
+                                   f"{p.stderr.strip()}{why}")
         out: dict = {"promote_s": round(time.monotonic() - gone, 1)}
         out.update(self.check_fs(cut))
         self.own_writes(cut)

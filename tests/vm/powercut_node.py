@@ -295,6 +295,11 @@ class Node:
         if fresh:
             sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
                "/dev/mapper/r1")
+            # the file system on the async target too before the round: a copy that holds only
+            # a prefix of mkfs's writes has no file system to mount (mke2fs writes its
+            # superblocks last), and that is not what the round tests
+            wait_for(lambda: self.all_(self.converged), 900, "the new file system on the targets",
+                     1)
         sh("mount", "/dev/mapper/r1", str(FS))
         fd0 = os.open("/dev/mapper/r0", os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
         fd1 = os.open(FS / f"log-{rnd}", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_DIRECT

@@ -131,6 +131,25 @@ def test_an_ack_never_speaks_of_an_earlier_connection(target: Target) -> None:
     conn.close()
 
 
+def test_a_ping_says_that_records_acked_before_are_durable_now(target: Target) -> None:
+    """Records acknowledged as not yet durable (more frames were waiting), then a PING: the
+    target flushes for the PING, so it must also acknowledge those records as durable. It used
+    to answer with the PONG only: a sync writer waited for the next record's flush, or for its
+    sync_timeout when none came."""
+    conn = target.connect()
+    # records and the PING in one go (corked): while frames wait, the target defers its flush
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for seq in (1, 2, 3):
+        conn.send_message(P.write_record(seq, seq * 8, b"d" * 4096))
+    conn.send_message(P.Ping(5))
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    before = []
+    while not isinstance(m := conn.recv_message(), P.Pong):
+        before.append(m)
+    assert P.Ack(3, durable=True) in before, before
+    conn.close()
+
+
 def test_records_out_of_order_end_the_connection(target: Target) -> None:
     conn = target.connect()
     conn.send_message(P.write_record(5, 0, b"a" * 512))

@@ -217,7 +217,7 @@ class TargetResource(ResourceBase):
         chunk = self.cfg.chunk_size
         # ring sequence numbers belong to this connection: nothing of it is applied yet, and an
         # ack never speaks of records an earlier connection (or an earlier boot) sent
-        applied = acked = 0
+        applied = acked = durable = 0  # last record applied, acknowledged, acknowledged durable
         # a sync source's writers wait for durable acks: flush per FLUSH_BYTES of records
         sync = self.cfg.targets_for(info.node)[self.node].mode is TargetMode.SYNC
         dirty = False
@@ -234,7 +234,8 @@ class TargetResource(ResourceBase):
                 dirty, record_bytes = False, 0
                 last_flush = last_ack = now
                 acked = applied
-                if applied:
+                if applied > durable:
+                    durable = applied
                     conn.send_message(P.Ack(applied, durable=True))
             elif applied > acked and now - last_ack > 0.005:
                 acked, last_ack = applied, now
@@ -288,12 +289,18 @@ class TargetResource(ResourceBase):
             elif isinstance(msg, P.Ping):
                 store.flush()
                 dirty, record_bytes = False, 0
+                if applied > durable:
+                    # records acknowledged before as not yet durable are durable now: say so,
+                    # or a sync writer waits for the next record's flush (or its sync_timeout)
+                    acked = durable = applied
+                    conn.send_message(P.Ack(applied, durable=True))
                 conn.send_message(P.Pong(msg.token, msg.time_ns))
             elif isinstance(msg, P.Pause):
                 store.flush()
                 dirty, record_bytes = False, 0
                 acked = applied
-                if applied:
+                if applied > durable:
+                    durable = applied
                     conn.send_message(P.Ack(applied, durable=True))
                 self._set_state(ReplicaState.PAUSED, "paused by the source")
             elif isinstance(msg, P.CsumRequest):

@@ -6,6 +6,7 @@ daemon's receiver and the tests' replay apply ring records through it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -23,7 +24,21 @@ SECTOR = 512
 
 
 class StoreError(ReplError):
-    """The target's backing store cannot be opened or written."""
+    """The target's backing store cannot be opened, read, written or made durable.
+
+    The message names the file or device, the operation and the system's reason; `errno` is the
+    system's error number (ENOSPC for a full file system), None where there is none."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def _failed(path: str, what: str, e: OSError) -> StoreError:
+    reason = e.strerror or str(e)
+    name = errno.errorcode.get(e.errno or 0)
+    return StoreError(f"{path}: {what} failed: {reason}" + (f" ({name})" if name else ""),
+                      e.errno)
 
 
 class Store(ABC):
@@ -38,16 +53,30 @@ class Store(ABC):
     def size(self) -> int:
         """Size in bytes."""
 
+    # Every operation raises StoreError (naming the file, the operation, the reason) when the
+    # system fails it: the caller tells a failed copy from a failed connection by the type.
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], offset + done)
+        except OSError as e:
+            raise _failed(self.path, f"write of {len(data)} bytes at byte {offset}", e) from None
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise _failed(self.path, f"read of {length} bytes at byte {offset}", e) from None
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            # the kernel may have dropped the data it could not write back: nothing since the
+            # last good flush is durable (the caller acknowledges nothing of it)
+            raise _failed(self.path, "fdatasync", e) from None
 
     @abstractmethod
     def discard(self, offset: int, length: int) -> None:
@@ -91,7 +120,10 @@ class BlockStore(Store):
         return int(struct.unpack("Q", buf)[0])
 
     def _range_ioctl(self, req: int, offset: int, length: int) -> None:
-        fcntl.ioctl(self.fd, req, struct.pack("QQ", offset, length))
+        try:
+            fcntl.ioctl(self.fd, req, struct.pack("QQ", offset, length))
+        except OSError as e:
+            raise _failed(self.path, f"zeroing {length} bytes at byte {offset}", e) from None
 
     def discard(self, offset: int, length: int) -> None:
         # a discard is only a hint; zeroing keeps the copy byte-identical

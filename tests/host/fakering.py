@@ -4,7 +4,9 @@
 test writes (also written into the data file, as the device would), acks, a fall into
 tracking, and the file's poll() as docs/dm-repl.rst says it: POLLPRI while the `events`
 counter differs from the last GET_STATE, POLLIN while a record was published since it. So the
-engine under test sleeps and wakes in its real code.
+engine under test sleeps and wakes in its real code. A test whose targets leave the stream
+with records they never made durable (and must get them again by resync) asks the ring to keep
+a dirty bitmap too (`track_dirty`).
 """
 
 from __future__ import annotations
@@ -87,10 +89,21 @@ class FakeRing:
         self.seen_events = self.seen_published = 0  # of the last GET_STATE, for poll and WAIT
         self.fd = PollableFd()
         self.gets: Counter[str] = Counter()
+        # the dirty bitmap, kept only when a test asks (`track_dirty`): chunk -> seq of its
+        # last write; without it the bitmap is empty, as every write is in the ring
+        self.chunk_bytes = 0
+        self.dirty: dict[int, int] = {}
 
     def _poll_state(self) -> None:
         """cond held: the file's readiness, as the kernel's repl_poll computes it."""
         self.fd.set(self.events != self.seen_events, self.next_seq - 1 > self.seen_published)
+
+    def track_dirty(self, chunk_bytes: int) -> None:
+        """Keep a dirty bitmap from now on, as the kernel does: a write marks its chunks,
+        `clean(mark)` clears those not written since `mark`. So a target that leaves the
+        stream with records it never made durable finds them in its OOS bitmap again."""
+        with self.cond:
+            self.chunk_bytes = chunk_bytes
 
     # -- what the test does, as the kernel would
     def write(self, sector: int, data: bytes) -> int:
@@ -99,6 +112,10 @@ class FakeRing:
             f.write(data)
         with self.cond:
             seq = self.next_seq
+            if self.chunk_bytes:
+                first = sector * 512 // self.chunk_bytes
+                last = (sector * 512 + len(data) - 1) // self.chunk_bytes
+                self.dirty.update(dict.fromkeys(range(first, last + 1), seq))
             self.records[seq] = SimpleNamespace(seq=seq, sector=sector, length=len(data),
                                                 op="write", fua=False, data=memoryview(data))
             self.next_seq += 1
@@ -128,7 +145,7 @@ class FakeRing:
                 mode="streaming" if self.streaming else "tracking", reason=self.reason,
                 streaming=self.streaming, stream_start=self.stream_start,
                 ring_end=self.ring_end, published=self.next_seq - 1, acked=self.acked,
-                events=self.events, dirty_chunks=0, ring_used=used, ring_bytes=32 << 20)
+                events=self.events, dirty_chunks=len(self.dirty), ring_used=used, ring_bytes=32 << 20)
 
     def start_stream(self) -> int:
         with self.cond:
@@ -144,10 +161,14 @@ class FakeRing:
         return self.next_seq
 
     def bitmap(self) -> bytes:
-        return bytes(self.nbytes)  # the writes are all in the ring: nothing tracked
+        with self.cond:
+            bits = sum(1 << c for c in self.dirty)  # none unless track_dirty: all in the ring
+        return bits.to_bytes(self.nbytes, "little")
 
     def clean(self, mark: int) -> None:
-        pass
+        with self.cond:
+            for c in [c for c, seq in self.dirty.items() if seq < mark]:
+                del self.dirty[c]
 
     def ack(self, seq: int) -> None:
         with self.cond:

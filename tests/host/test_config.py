@@ -119,6 +119,17 @@ def test_the_documented_example_is_valid():
     assert cfg.resources, "the example defines resources"
 
 
+def test_the_backup_node_example_is_valid():
+    """docs/examples/backup-node.yaml: four sources, each its own resource, port and secret,
+    onto one node that keeps an image file per resource."""
+    cfg = c.load_config(ROOT / "docs" / "examples" / "backup-node.yaml")
+    assert len(cfg.resources) == 4
+    assert len({r.port for r in cfg.resources.values()}) == 4
+    assert len({r.secret_file for r in cfg.resources.values()}) == 4
+    assert all(r.targets.keys() == {"vault"} for r in cfg.resources.values())
+    assert len({r.nodes["vault"].device for r in cfg.resources.values()}) == 4
+
+
 def test_every_key_is_documented():
     text = (ROOT / "docs" / "config.md").read_text()
     tables = (

@@ -42,6 +42,8 @@ ASYNC_BATCH = 64         # an async link is woken per this many records ...
 ASYNC_WAIT_MS = 20       # ... or after this long (the kernel wakes it sooner if the ring fills)
 ASYNC_NICE = 10          # CPU priority of an async link's thread: the applications come first
 RECONNECT_DELAY = 1.0
+SHORT_SESSION = 10.0      # seconds: a session that ended sooner delays the next one ...
+SESSION_RETRY_MAX = 10.0  # ... by 1 s, doubling while they keep ending so, up to this
 SPLIT_BRAIN_RETRY = 5.0  # seconds between tries while a split brain refuses (each reads a report)
 FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
 UNACKED_MAX = 4096       # sent batches a sync link times until their durable ack, at most
@@ -71,6 +73,7 @@ class Link:
         self.state_path = res.state_dir / f"{self.name}.json"
         self.last_error: str | None = None
         self.refusal: HandshakeRefused | None = None  # the last handshake's, until one succeeds
+        self.retry = 0.0  # seconds to wait before the next session (_pace), after short ones
         try:
             self.saved = load_json(self.state_path, {"admin": Admin.UP}, action=LINK_STATE_ACTION,
                                    check=_check_link_state)
@@ -450,6 +453,7 @@ class Link:
             self._connection_changed(f"connected to {self.address[0]}:{self.address[1]}")
             threading.Thread(target=self._receiver, args=(conn,), daemon=True,
                              name=f"recv-{self.res.name}-{self.name}").start()
+            started = time.monotonic()
             try:
                 self._serve(conn)
             except (OSError, ReplError) as e:
@@ -457,6 +461,23 @@ class Link:
                     self._drop(f"connection lost: {e}")
             if self.conn is conn:
                 self._drop("closed", quiet=True)
+            self._pace(time.monotonic() - started)
+
+    def _pace(self, lasted: float) -> None:
+        """After a session that ended within SHORT_SESSION of its start, wait before the next
+        one: RECONNECT_DELAY, doubling while sessions keep ending so, up to SESSION_RETRY_MAX.
+        A target that fails every session at once (its image file's file system full, an error
+        it reports as soon as data comes) costs a handshake and a report every few seconds,
+        not a loop that takes the CPU of both nodes, and of the target node's other resources.
+        After a longer session (a network blip) the link reconnects at once, as before."""
+        if lasted >= SHORT_SESSION:
+            self.retry = 0.0
+            return
+        self.retry = min(max(2 * self.retry, RECONNECT_DELAY), SESSION_RETRY_MAX)
+        deadline = time.monotonic() + self.retry
+        while self.admin is Admin.UP and (left := deadline - time.monotonic()) > 0:
+            if self.res.stopping.wait(min(left, 0.5)):
+                return  # an administrator's pause or disconnect is seen within half a second
 
     def _send_ping(self, conn: P.FramedConnection) -> threading.Event:
         """A barrier: the event is set once the target has everything sent before it durable."""

@@ -7,6 +7,7 @@ the source waits for (durable acks, PONGs) is sent only once the store has it du
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -30,7 +31,7 @@ from repctl.daemon.state import Connection, DiskState, Event, ReplicaState, Role
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.hooks import HookEvent, run_hooks
 from repctl.statefile import StateError, load_json, save_json
-from repctl.store import Store, open_store
+from repctl.store import Store, StoreError, open_store
 
 if TYPE_CHECKING:
     from repctl.daemon.service import Daemon
@@ -40,6 +41,8 @@ log = logging.getLogger("repctl.daemon")
 __all__ = ["TargetResource"]
 
 FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
+# a store that cannot take more data (ERROR NO_SPACE to the source); any other failure: IO_ERROR
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyncs it whole; "
                        "the corrupt file is kept beside it for inspection")
@@ -52,12 +55,19 @@ class TargetResource(ResourceBase):
     connection, the handshake bounded). One authenticated primary connection at a time: a second
     one is refused with BUSY. Right after the handshake the secondary tells the primary which of
     its chunks may differ (OUT_OF_SYNC: its own writes as a former primary).
+
+    Each resource has its own listener, port, threads and store: a node that is the target of
+    many resources (a backup node for many sources) serves them all at once, and what happens
+    to one (a hung source, a full file system under its image file) happens to it alone.
     """
 
     def __init__(self, daemon: Daemon, cfg: Resource):
         super().__init__(daemon, cfg)
         self.state_path = self.state_dir / "target.json"
         self.last_error: str | None = None
+        # the store failed (a full file system, an I/O error): the state is `failed` until a
+        # later session makes data durable on it again
+        self.store_error: str | None = None
         try:
             self.saved = load_json(self.state_path, {"current": 0, "history": [], "consistent": True},
                                    action=TARGET_STATE_ACTION, check=_check_target_state)
@@ -102,6 +112,8 @@ class TargetResource(ResourceBase):
         save_json(self.state_path, self.saved)
 
     def _set_state(self, state: ReplicaState, why: str = "") -> None:
+        if self.store_error is not None:
+            state = ReplicaState.FAILED  # until the store takes data again (_store_healed)
         if state is not self.state:
             old, self.state = self.state, state
             self.events.emit(resource=self.name, target=self.node, what=Event.STATE, old=old,
@@ -155,12 +167,14 @@ class TargetResource(ResourceBase):
             finally:
                 self.listener.handshake_over()
             shaken = True
-            self.last_error = None
+            self.last_error = self.store_error  # a failed store stays the news until it heals
             self.events.emit(resource=self.name, target=self.node, what=Event.CONNECTION,
                              old=Connection.WAITING, new=Connection.CONNECTED, peer=info.node,
                              text=f"source {info.node} at {peer[0]}")
             self._report_out_of_sync(conn, info)
             self._serve(conn, info)
+        except StoreError as e:
+            self._store_failed(conn, e)
         except HandshakeRefused as e:
             self.daemon.stats.refusal(self.name, e)
             self.last_error = f"refused {peer[0]}: {e}"
@@ -181,12 +195,40 @@ class TargetResource(ResourceBase):
                 with self.conn_lock:
                     if self.conn is conn:
                         self.conn, self.peer = None, None
-                self._set_state(ReplicaState.DISCONNECTED)
+                self._set_state(ReplicaState.DISCONNECTED, self.last_error or "")
                 if shaken:
                     self.events.emit(resource=self.name, target=self.node,
                                      what=Event.CONNECTION, old=Connection.CONNECTED,
                                      new=Connection.WAITING, peer=info.node,
                                      text=self.last_error or "closed")
+
+    def _store_failed(self, conn: P.FramedConnection, e: StoreError) -> None:
+        """The store failed (a full file system under the image file, an I/O error): this
+        session ends. Nothing since the last durable acknowledgement is claimed, so the source
+        still holds all of it (its ring, or its bitmap) and sends it again in a later session;
+        it hears why first (ERROR), and waits longer each time a session fails at once. No
+        other resource of this node is touched."""
+        first = self.store_error is None
+        self.store_error = self.last_error = (
+            f"{e}; the copy keeps what was acknowledged durable, the source sends the rest "
+            "again once the store takes data")
+        if first:
+            log.error("%s: %s", self.name, self.store_error)
+            self.events.emit(resource=self.name, what=Event.ERROR, text=self.store_error)
+        else:
+            log.warning("%s: %s", self.name, self.store_error)
+        code = P.ErrorCode.NO_SPACE if e.errno in NO_SPACE_ERRNOS else P.ErrorCode.IO_ERROR
+        with contextlib.suppress(OSError, ReplError):
+            conn.send_message(P.Error(code, f"{self.node}: {self.store_error}"))
+            conn.linger()  # the source reads the ERROR before the connection ends
+
+    def _store_healed(self) -> None:
+        """Data made durable on a store that had failed: it takes data again."""
+        if self.store_error is None:
+            return
+        self.store_error = self.last_error = None
+        log.info("%s: %s takes data again", self.name, self.device)
+        self._set_state(ReplicaState.STREAMING, f"{self.device} takes data again")
 
     def _hook(self, event: HookEvent, peer: str) -> None:
         run_hooks(self.cfg, event, node=self.node, peer=peer, role=Role.SECONDARY,
@@ -224,13 +266,20 @@ class TargetResource(ResourceBase):
         record_bytes = 0  # of records written since the last flush
         last_flush = last_ack = time.monotonic()
         resynced = False  # this session made the copy inconsistent: after-resync-target at the end
+
+        def make_durable() -> None:
+            """Flush what was applied (StoreError if the store cannot)."""
+            store.flush()
+            if dirty and self.store_error is not None:
+                self._store_healed()  # written and made durable: the store takes data again
+
         while not self.stopping.is_set():
             now = time.monotonic()
             if dirty and ((sync and record_bytes >= FLUSH_BYTES) or now - last_flush > 0.2
                           or not readable(sock)):
                 # idle, or a busy stream every MiB or 200 ms: make it durable, say so (a sync
                 # source's writers wait for this; per MiB keeps several of them in flight)
-                store.flush()
+                make_durable()
                 dirty, record_bytes = False, 0
                 last_flush = last_ack = now
                 acked = applied
@@ -272,7 +321,7 @@ class TargetResource(ResourceBase):
                 self.bytes_received += data.nbytes
                 dirty = True  # a resync's durability comes with the PONGs
             elif isinstance(msg, P.ResyncDone):
-                store.flush()
+                make_durable()
                 # in sync with this primary now: its generation, and no change of our own left
                 self.saved.update(consistent=True, current=source_gen.current,
                                   history=list(source_gen.history), source=info.node,
@@ -287,7 +336,7 @@ class TargetResource(ResourceBase):
                     except ReplError as e:
                         log.error("%s: %s", self.name, e)
             elif isinstance(msg, P.Ping):
-                store.flush()
+                make_durable()
                 dirty, record_bytes = False, 0
                 if applied > durable:
                     # records acknowledged before as not yet durable are durable now: say so,
@@ -296,7 +345,7 @@ class TargetResource(ResourceBase):
                     conn.send_message(P.Ack(applied, durable=True))
                 conn.send_message(P.Pong(msg.token, msg.time_ns))
             elif isinstance(msg, P.Pause):
-                store.flush()
+                make_durable()
                 dirty, record_bytes = False, 0
                 acked = applied
                 if applied > durable:

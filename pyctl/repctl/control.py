@@ -426,6 +426,11 @@ class ControlServer:
                 try:
                     event = events.get(timeout=self.EVENT_POLL)
                 except queue.Empty:
+                    if getattr(events, "dropped", False):  # daemon/events.py Subscription
+                        self._send(conn, {"ok": False, "error": (
+                            "this event stream fell too far behind and was dropped: events "
+                            "were lost; run `repctl events` again (status shows the state now)")})
+                        return
                     continue
                 except ReplError as exc:
                     self._send(conn, {"ok": False, "error": str(exc)})

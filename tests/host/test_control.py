@@ -316,6 +316,26 @@ def test_events_end_when_the_server_stops(sockdir: Path, daemon: FakeDaemon) -> 
     assert time.monotonic() - t0 < 5
 
 
+def test_a_dropped_subscriber_gets_what_it_holds_then_an_error(
+    server: ControlServer, daemon: FakeDaemon
+) -> None:
+    """A client that fell MAX_BACKLOG events behind is dropped by the bus: its stream delivers
+    what was queued, then ends with an error saying events were lost (it used to go quiet)."""
+    from repctl.daemon.events import MAX_BACKLOG, Events
+
+    bus = Events()
+    daemon.events = bus.subscribe()  # the queue the server streams from: the bus's own kind
+    for i in range(MAX_BACKLOG + 5):  # the client reads nothing yet: the bus drops it
+        bus.emit(resource="r0", what="progress", n=i)
+    assert daemon.events.dropped
+    stream = ControlClient(server.path, 5).events()
+    got = []
+    with pytest.raises(ReplError, match="fell too far behind and was dropped: events were lost"):
+        for event in stream:
+            got.append(event["n"])
+    assert got == list(range(MAX_BACKLOG)), (len(got), got[-3:])
+
+
 def test_events_subscribe_error(server: ControlServer, daemon: FakeDaemon) -> None:
     daemon.fail["subscribe"] = ReplError("no events on this node")
     with pytest.raises(ReplError, match=r"^no events on this node$"):

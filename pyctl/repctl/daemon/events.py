@@ -12,7 +12,20 @@ from repctl.daemon.state import Event
 
 log = logging.getLogger("repctl.daemon")
 
-__all__ = ["Events"]
+__all__ = ["Events", "Subscription"]
+
+#: Events a subscriber may fall behind before it is dropped (the daemon never waits for one).
+MAX_BACKLOG = 10000
+
+
+class Subscription(queue.Queue):  # type: ignore[type-arg]
+    """A subscriber's queue of events. `dropped` is set once it fell MAX_BACKLOG events behind:
+    the bus stopped filling it, and its stream ends, after what it holds, with an error saying
+    so (control.py), instead of going quiet."""
+
+    def __init__(self) -> None:
+        super().__init__(maxsize=MAX_BACKLOG)
+        self.dropped = False
 
 
 class Events:
@@ -20,15 +33,15 @@ class Events:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subs: list[queue.Queue[dict[str, Any]]] = []
+        self._subs: list[Subscription] = []
 
-    def subscribe(self) -> queue.Queue[dict[str, Any]]:
-        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10000)
+    def subscribe(self) -> Subscription:
+        q = Subscription()
         with self._lock:
             self._subs.append(q)
         return q
 
-    def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, q: Subscription) -> None:
         with self._lock:
             if q in self._subs:
                 self._subs.remove(q)
@@ -43,5 +56,7 @@ class Events:
                 try:
                     q.put_nowait(event)
                 except queue.Full:
+                    q.dropped = True
                     self._subs.remove(q)
+                    log.warning("events: a subscriber fell %d events behind: dropped", MAX_BACKLOG)
 

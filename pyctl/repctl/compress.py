@@ -61,6 +61,18 @@ def _module(codec: Codec) -> ModuleType | None:
         return _imported[codec]
 
 
+def _load(codec: Codec, verb: str) -> ModuleType:
+    """The library that a Compressor (`verb` "compress") or Decompressor ("decompress") of
+    `codec` needs; ProtocolError if it does not import."""
+    if codec is Codec.NONE:
+        raise ValueError(f"no {verb}or for Codec.NONE")
+    mod = _module(codec)
+    if mod is None:
+        raise ProtocolError(f"cannot {verb} {codec.word}: the {_MODULES[codec]} package is not "
+                            "installed")
+    return mod
+
+
 def available(codec: int) -> bool:
     """Whether this side can use `codec` (a number from a peer, maybe unknown): NONE always; the
     others if their library imports."""
@@ -102,12 +114,7 @@ class Compressor:
     the connection's send lock serialises it)."""
 
     def __init__(self, codec: Codec, level: int = 0) -> None:
-        if codec is Codec.NONE:
-            raise ValueError("no compressor for Codec.NONE")
-        mod = _module(codec)
-        if mod is None:
-            raise ProtocolError(f"cannot compress with {codec.word}: the {_MODULES[codec]} "
-                                "package is not installed")
+        mod = _load(codec, "compress")
         self.codec = codec
         if codec is Codec.ZSTD:
             level = level or ZSTD_DEFAULT_LEVEL
@@ -131,12 +138,7 @@ class Decompressor:
     a "decompression bomb", is a ProtocolError, and nothing larger is ever allocated."""
 
     def __init__(self, codec: Codec, limit: int) -> None:
-        if codec is Codec.NONE:
-            raise ValueError("no decompressor for Codec.NONE")
-        mod = _module(codec)
-        if mod is None:
-            raise ProtocolError(f"cannot decompress {codec.word}: the {_MODULES[codec]} "
-                                "package is not installed")
+        mod = _load(codec, "decompress")
         self.codec = codec
         self.limit = limit
         self._mod: Any = mod

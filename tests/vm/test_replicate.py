@@ -297,6 +297,49 @@ def test_sync_target_has_the_write_when_it_completes(cluster):
         assert direct_read(c.beta_dev, off, CHUNK) == data, f"write {i} not on beta at completion"
 
 
+def test_verify_repair_fixes_corrupted_chunks(cluster):
+    """Chunks of beta's device (a loop device) and of gamma's image changed behind their
+    daemons' backs: a verify reports them and changes nothing; `verify --repair` resyncs them
+    (only them, only to that target); a second verify finds nothing."""
+    c = cluster
+    c.wait_converged()
+    rng = random.Random(13)
+    bad = {"beta": [17, 18, 4000], "gamma": [9000]}
+    for ch in bad["beta"]:
+        direct_write(c.beta_dev, ch * CHUNK, rng.randbytes(CHUNK))
+    with open(c.gamma_img, "r+b") as f:
+        for ch in bad["gamma"]:
+            f.seek(ch * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+    corrupt = sha256_of(c.beta_dev, SIZE_MB << 20)
+    nr = (SIZE_MB << 20) // CHUNK
+    out = c.repctl("alpha", "verify", "r0", "beta", check=False)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"r0/beta: 3 of {nr} chunks differ" in out.stdout, out.stdout
+    assert sha256_of(c.beta_dev, SIZE_MB << 20) == corrupt, "a verify without --repair wrote"
+    assert {t["name"]: t["out_of_sync_bytes"] for t in c.status()["targets"]} == {
+        "beta": 0, "gamma": 0}
+    before = {t["name"]: t["resync_bytes"] for t in c.status()["targets"]}
+
+    out = c.repctl("alpha", "verify", "r0", "beta", "--repair", "--wait", "--timeout", "120",
+                   check=False)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-2:] == ["r0/beta: 3 chunks marked out of sync: repairing",
+                                            "r0/beta: repaired, streaming"], out.stdout
+    out = c.repctl("alpha", "verify", "r0", "gamma", "--repair", "--json", check=False)
+    assert out.returncode == 3, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["differing"] == bad["gamma"] and result["marked_out_of_sync"] == 1
+    c.wait_converged()
+    after = {t["name"]: t["resync_bytes"] for t in c.status()["targets"]}
+    assert {n: after[n] - before[n] for n in after} == {"beta": 3 * CHUNK, "gamma": CHUNK}
+    for t in ("beta", "gamma"):
+        out = c.repctl("alpha", "verify", "r0", t, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+    d = c.digests()
+    assert d["alpha"] == d["beta"] == d["gamma"], d
+
+
 def test_events_follow_a_pause_and_a_resume(cluster):
     """alpha's events over its control socket (what `repctl events` prints), on the real module:
     gamma paused, 8 MiB written, gamma resumed: its connection and state changes, and its

@@ -106,6 +106,9 @@ def _describe(t: Mapping[str, Any]) -> str:
         done, total = sync.get("done_bytes"), sync.get("total_bytes")
         if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
             state += f", {min(100.0, 100.0 * done / total):.1f}% done"
+    oos = t.get("out_of_sync_bytes")
+    if state == LinkState.STREAMING and isinstance(oos, int) and oos:
+        state += f", {oos} bytes out of sync"  # marked by `verify --repair`, not yet resyncing
     if t.get("last_error") and state == LinkState.CONNECTING:
         state += f", last error: {t['last_error']}"
     return state

@@ -306,3 +306,21 @@ def test_the_bitmap_marks_chunks_and_voids_clears_in_flight(tmp_path: Path) -> N
     oos.save()
     again = OOSBitmap(tmp_path / "b.oos", 100)
     assert list(again.runs(100)) == [range(1, 3), range(99, 100)]
+
+
+def test_a_bitmap_that_cannot_be_saved_fails_the_repair_clearly(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = cluster
+    write_some(c)
+    c.corrupt("beta", BAD)
+    beta = c.src.link("beta")
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(beta.oos, "save", broken)
+    with pytest.raises(ReplError, match=r"r0/beta: 5 chunks differ, but marking them out of "
+                                        r"sync failed: .*Input/output error"):
+        c.src.verify("beta", repair=True)
+    assert c.src.status()["targets"][0]["verify"] is None  # no verify left running
+    monkeypatch.undo()  # the daemon's stop saves the bitmap

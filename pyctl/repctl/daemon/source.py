@@ -615,7 +615,12 @@ class SourceResource(ResourceBase):
                 differing = self._compare(link, conn, sorted(differing), progress)
             if repair and differing:
                 # durable before anyone hears of it: a crash from now on resyncs them anyway
-                link.mark_out_of_sync(sorted(differing))
+                try:
+                    link.mark_out_of_sync(sorted(differing))
+                except OSError as e:
+                    raise ReplError(f"{self.name}/{target}: {len(differing)} chunks differ, but "
+                                    f"marking them out of sync failed: {e}; the resync may not "
+                                    "have started: run the verify with --repair again") from e
                 log.warning("%s/%s: verify --repair: %d chunks differ, marked out of sync for "
                             "this target: resyncing them", self.name, target, len(differing))
         finally:

@@ -301,9 +301,11 @@ def test_wan_impairment_then_partition_converges(cleanup, loopdev):
     print(f"setup {setup_s:.0f} s; completed: {work.done}; alpha's view of gamma at the "
           f"snapshot: {during['gamma']}")
     assert not work.failures, work.failures
-    for what in ("fio", "probe"):
-        for phase in ("impaired", "partitioned"):
-            # the primary went on: never waiting for the cut-off async target (P4)
+    # the primary went on, impaired and cut off from gamma: it never waits for an async
+    # target (P4). A fio job may outlast the 20 s of the impaired phase on a slow machine
+    # (a job counts in the phase it ends in); the prober's writes take a round trip each
+    for what, phases in (("probe", ("impaired", "partitioned")), ("fio", ("partitioned",))):
+        for phase in phases:
             assert work.done[what].get(phase, 0) >= 1, (what, phase, work.done)
 
     # gamma, frozen mid-partition, was streaming when it was cut off: a crash-consistent copy

@@ -569,12 +569,14 @@ def _progress() -> Iterator[Callable[[dict[str, render.Bar]], None] | None]:
         yield lambda bars: live.update(render.progress_view(bars), refresh=True)
 
 
-def _verify_call(session: Session, resource: str, target: str) -> Any:
+def _verify_call(session: Session, resource: str, target: str, repair: bool = False) -> Any:
     """The daemon's verify result. On a terminal, a second connection polls the status meanwhile
     and a bar shows the target's ``verify`` progress."""
+    extra = {"repair": True} if repair else {}  # a daemon without --repair refuses the argument
 
     def call() -> Any:
-        return session.client(timeout=None).call("verify", resource=resource, target=target)
+        return session.client(timeout=None).call("verify", resource=resource, target=target,
+                                                  **extra)
 
     name = f"{resource}/{target}"
     with _progress() as show:
@@ -623,16 +625,31 @@ def verify(
     resource: ResourceArg,
     target: Annotated[str, typer.Argument(help="The target to compare with.", show_default=False)],
     json: JsonOpt = False,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Mark the chunks that differ out of sync for TARGET and "
+                     "resync them from this node (as any resync: repctl status shows it)."),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="With --repair: then wait until TARGET streams again with "
+                     "nothing out of sync, showing the resync."),
+    ] = False,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Compare RESOURCE with TARGET chunk by chunk (checksums); exit 0 only if identical.
 
-    Exit 3 when chunks differ, 1 on an error. The daemon blocks until the comparison is done;
-    on a terminal a progress bar shows how far it is. Ctrl-C cancels the comparison in the
-    daemon too (exit 130).
+    Exit 3 when chunks differ (also when --repair resyncs them), 1 on an error. The daemon
+    blocks until the comparison is done; on a terminal a progress bar shows how far it is.
+    Ctrl-C cancels the comparison in the daemon too (exit 130).
     """
+    if wait and not repair:
+        raise typer.BadParameter("--wait goes with --repair", param_hint="'--wait'")
+    if timeout is not None and not wait:
+        raise typer.BadParameter("--timeout goes with --wait", param_hint="'--timeout'")
     session = _session(ctx)
     try:
-        result = _verify_call(session, resource, target)
+        result = _verify_call(session, resource, target, repair)
     except KeyboardInterrupt:
         raise _cancel_verify(session, resource, target) from None
     if not isinstance(result, dict):
@@ -658,7 +675,36 @@ def verify(
             rows, VERIFY_COLUMNS, title=f"{resource}/{target}: {count}{of} chunks differ",
             footer=footer,
         )
+    if repair and not identical:
+        marked = result.get("marked_out_of_sync")
+        if not isinstance(marked, int):
+            raise ReplError("the repctl daemon did not say what it marked for the repair")
+        if not json:
+            typer.echo(f"{resource}/{target}: {marked} chunks marked out of sync: repairing"
+                       + ("" if wait else f" (repctl status {resource} shows the resync)"))
+        if wait:
+            _wait_repaired(ctx, resource, target, timeout, quiet=json)
     raise typer.Exit(0 if identical else EXIT_DIFFERS)
+
+
+def _wait_repaired(ctx: typer.Context, resource: str, target: str, timeout: float | None,
+                   quiet: bool) -> None:
+    """`verify --repair --wait`: wait until `target` streams with nothing out of sync (its
+    resync of the marked chunks is over), with the resync's bar on a terminal."""
+    with _progress() as show:
+        draw = None if show is None else lambda entries: show(
+            {f"{resource}/{t.get('name')}": render.sync_bar(t) for t in entries}
+        )
+        try:
+            follow.wait_streaming(
+                functools.partial(_status, ctx, resource), resource, [target],
+                timeout=timeout, show=draw, interval=POLL_INTERVAL, in_sync=True,
+            )
+        except KeyboardInterrupt:
+            raise fail(f"stopped waiting; the daemon goes on with the repair (repctl status "
+                       f"{resource})", EXIT_INTERRUPTED) from None
+    if not quiet:
+        typer.echo(f"{resource}/{target}: repaired, streaming")
 
 
 @app.command()

@@ -76,7 +76,7 @@ COMMANDS: Mapping[str, Command] = {
     "resume": Command(("resource",), ("target",)),
     "connect": Command(("resource",), ("target",)),
     "disconnect": Command(("resource",), ("target",)),
-    "verify": Command(("resource", "target")),
+    "verify": Command(("resource", "target"), ("repair",)),
     "cancel_verify": Command(("resource", "target")),
     "promote": Command(("resource",), ("force",)),
     "demote": Command(("resource",)),
@@ -86,7 +86,7 @@ COMMANDS: Mapping[str, Command] = {
 
 
 #: Arguments that are booleans (JSON true/false); every other argument is a string.
-FLAGS = frozenset({"force", "discard_local"})
+FLAGS = frozenset({"force", "discard_local", "repair"})
 
 
 class EventQueue(Protocol):
@@ -108,7 +108,7 @@ class Handler(Protocol):
     def resume(self, resource: str, target: str | None = None) -> Any: ...
     def connect(self, resource: str, target: str | None = None) -> Any: ...
     def disconnect(self, resource: str, target: str | None = None) -> Any: ...
-    def verify(self, resource: str, target: str) -> dict[str, Any]: ...
+    def verify(self, resource: str, target: str, repair: bool = False) -> dict[str, Any]: ...
     def cancel_verify(self, resource: str, target: str) -> Any: ...
     def promote(self, resource: str, force: bool = False) -> Any: ...
     def demote(self, resource: str) -> Any: ...

@@ -106,6 +106,9 @@ def _describe(t: Mapping[str, Any]) -> str:
         done, total = sync.get("done_bytes"), sync.get("total_bytes")
         if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
             state += f", {min(100.0, 100.0 * done / total):.1f}% done"
+    oos = t.get("out_of_sync_bytes")
+    if state == LinkState.STREAMING and isinstance(oos, int) and oos:
+        state += f", {oos} bytes out of sync"  # marked by `verify --repair`, not yet resyncing
     if t.get("last_error") and state == LinkState.CONNECTING:
         state += f", last error: {t['last_error']}"
     return state
@@ -154,9 +157,12 @@ def wait_streaming(
     interval: float = POLL_INTERVAL,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    in_sync: bool = False,
 ) -> list[str]:
     """Poll the status until every one of `targets` of `resource` (default: all of them) is
     streaming; return their names. `show` gets the awaited targets' entries at every poll.
+    With `in_sync`, also until none has chunks out of sync: right after `verify --repair`
+    marked chunks, a target may stream for a moment before its resync of them starts.
 
     ReplError with one line if the resource is not in the status, a target is missing, a target
     is paused or disconnected by the administrator (its ``admin`` is not ``up``: it will not
@@ -197,7 +203,8 @@ def wait_streaming(
                                   and now - busy.setdefault(name, now) < BUSY_GRACE):
                 continue
             raise ReplError(refused_text(resource, t, reason))
-        pending = [t for t in awaited if t.get("state") != LinkState.STREAMING]
+        pending = [t for t in awaited if t.get("state") != LinkState.STREAMING
+                   or (in_sync and t.get("out_of_sync_bytes"))]
         if not pending:
             return names
         if deadline is not None:

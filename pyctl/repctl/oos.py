@@ -209,6 +209,22 @@ class OOSBitmap:
         self._count += added
         return added
 
+    def mark(self, chunks: Iterable[int]) -> int:
+        """Set `chunks` (found to differ by a verify); how many were clear. Chunks past the
+        last are ignored. Like an absorb, a change voids the clears computed before it: a
+        resync pass in flight sends these chunks too."""
+        with self.lock:
+            added = 0
+            for c in chunks:
+                if 0 <= c < self.nr_chunks and not self._bits[c >> 3] & (1 << (c & 7)):
+                    self._bits[c >> 3] |= 1 << (c & 7)
+                    self._dirty[c // PAGE_CHUNKS] = 1
+                    added += 1
+            self._count += added
+            if added:
+                self.epoch += 1
+            return added
+
     def clear(self, chunks: Iterable[int], epoch: int) -> bool:
         """Clear chunks that were sent and made durable, unless an absorb came since ``epoch``."""
         with self.lock:

@@ -95,10 +95,11 @@ class FakeDaemon:
     def disconnect(self, resource: str, target: str | None = None) -> Any:
         return self._call("disconnect", "disconnected", resource=resource, target=target)
 
-    def verify(self, resource: str, target: str) -> Any:
+    def verify(self, resource: str, target: str, repair: bool = False) -> Any:
         if self.verify_hook is not None:
             self.verify_hook()
-        return self._call("verify", self.verify_result, resource=resource, target=target)
+        return self._call("verify", self.verify_result, resource=resource, target=target,
+                          **({"repair": True} if repair else {}))
 
     def cancel_verify(self, resource: str, target: str) -> Any:
         self.cancelled.set()
@@ -506,6 +507,66 @@ def test_verify_error_exits_1(config: Path, server: ControlServer, daemon: FakeD
     result = run(config, "verify", "r0", "beta")
     assert result.exit_code == 1
     assert result.stderr == "repctl: error: r0/beta: not streaming (paused): cannot verify now\n"
+
+
+def test_verify_repair_says_what_it_marked(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
+    daemon.verify_result = {"resource": "r0", "target": "beta", "chunks": 100,
+                            "chunk_size": 4096, "differing": [7, 9], "marked_out_of_sync": 2}
+    result = run(config, "verify", "r0", "beta", "--repair")
+    assert result.exit_code == cli.EXIT_DIFFERS, result.output
+    assert daemon.calls == [("verify", {"resource": "r0", "target": "beta", "repair": True})]
+    assert "r0/beta: 2 of 100 chunks differ" in result.stdout
+    assert result.stdout.splitlines()[-1] == (
+        "r0/beta: 2 chunks marked out of sync: repairing (repctl status r0 shows the resync)")
+
+
+def test_verify_repair_of_an_identical_target_marks_nothing(
+    config: Path, server: ControlServer, daemon: FakeDaemon
+) -> None:
+    daemon.verify_result = {"chunks": 16, "chunk_size": 4096, "differing": [],
+                            "marked_out_of_sync": 0}
+    result = run(config, "verify", "r0", "beta", "--repair", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "r0/beta: identical (16 chunks compared)\n"
+    assert [c for c, _ in daemon.calls] == ["verify"], "nothing to wait for"
+
+
+def test_verify_repair_wait_follows_the_resync(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.verify_result = {"chunks": 100, "chunk_size": 4096, "differing": [7],
+                            "marked_out_of_sync": 1}
+    # streaming with the chunk marked (the sender has not started yet), syncing, done
+    daemon.status_docs = [target_doc("streaming", oos=4096),
+                          target_doc("syncing", oos=4096, sync=SYNCING), target_doc("streaming")]
+    result = run(config, "verify", "r0", "gamma", "--repair", "--wait", "--json")
+    assert result.exit_code == cli.EXIT_DIFFERS, result.output
+    assert json.loads(result.stdout) == daemon.verify_result  # --json: the result only
+    assert [c for c, _ in daemon.calls] == ["verify", "status", "status", "status"]
+
+
+def test_verify_repair_wait_fails_when_the_target_is_paused(
+    config: Path, server: ControlServer, daemon: FakeDaemon, fast_polls: None
+) -> None:
+    daemon.verify_result = {"chunks": 100, "chunk_size": 4096, "differing": [7],
+                            "marked_out_of_sync": 1}
+    daemon.status_doc = target_doc("paused", admin="paused", oos=4096)
+    result = run(config, "verify", "r0", "gamma", "--repair", "--wait")
+    assert result.exit_code == 1
+    assert "r0/gamma: paused by the administrator while waiting" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--wait"], "--wait goes with --repair"),
+    (["--repair", "--timeout", "5"], "--timeout goes with --wait"),
+])
+def test_verify_wait_needs_repair(config: Path, server: ControlServer, daemon: FakeDaemon,
+                                  args: list[str], error: str) -> None:
+    result = run(config, "verify", "r0", "beta", *args)
+    assert result.exit_code == 2 and error in result.output
+    assert daemon.calls == []
 
 
 # ---------------------------------------------------------------------------- progress

@@ -59,8 +59,9 @@ class FakeDaemon:
     def disconnect(self, resource: str, target: str | None = None) -> Any:
         return self._call("disconnect", resource=resource, target=target)
 
-    def verify(self, resource: str, target: str) -> Any:
-        self._call("verify", resource=resource, target=target)
+    def verify(self, resource: str, target: str, repair: bool = False) -> Any:
+        self._call("verify", resource=resource, target=target, **({"repair": True} if repair
+                                                                   else {}))
         return {"resource": resource, "target": target, "chunks": 4, "differing": [2]}
 
     def subscribe(self) -> queue.Queue[dict[str, Any]]:
@@ -132,6 +133,8 @@ def test_status_and_verify_return_data(server: ControlServer, daemon: FakeDaemon
     assert client.call("status") == {"node": "alpha", "resources": []}
     assert client.call("verify", resource="r0", target="beta")["differing"] == [2]
     assert daemon.calls[-1] == ("verify", {"resource": "r0", "target": "beta"})
+    client.call("verify", resource="r0", target="beta", repair=True)
+    assert daemon.calls[-1] == ("verify", {"resource": "r0", "target": "beta", "repair": True})
 
 
 def test_socket_is_0600_in_a_0755_directory(server: ControlServer) -> None:
@@ -176,6 +179,8 @@ def test_unknown_command(server: ControlServer) -> None:
         ({"resource": "r0"}, "command 'verify' needs the argument 'target'"),
         ({"resource": "r0", "target": "b", "force": "1"}, "command 'verify' takes no argument"),
         ({"resource": 3, "target": "b"}, "argument 'resource' of 'verify' must be a string"),
+        ({"resource": "r0", "target": "b", "repair": "yes"},
+         "argument 'repair' of 'verify' must be true or false"),
     ],
 )
 def test_bad_arguments(

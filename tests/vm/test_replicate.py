@@ -300,6 +300,40 @@ def test_sync_target_has_the_write_when_it_completes(cluster):
         assert direct_read(c.beta_dev, off, CHUNK) == data, f"write {i} not on beta at completion"
 
 
+def test_verify_repair_fixes_corrupted_chunks(cluster):
+    """Chunks of beta's device (a loop device) changed behind its daemon's back: `repctl verify
+    --repair --wait` resyncs them (only them), a second verify finds nothing, the copies are
+    equal. (That a verify without --repair changes nothing, and the refusals, are host tests:
+    tests/host/test_verify_repair.py.) The daemon is asked over its socket where the CLI is not
+    under test: each `repctl` costs seconds under emulation."""
+    from repctl.control import ControlClient
+
+    c = cluster
+    alpha = ControlClient(ROOT / "alpha" / "repctl.sock", timeout=None)
+
+    def resynced() -> dict[str, int]:
+        st = alpha.call("status")["resources"][0]
+        return {t["name"]: t["resync_bytes"] for t in st["targets"]}
+
+    wait_for(c.converged, 180, "all targets caught up", interval=0.5)
+    rng = random.Random(13)
+    bad = [17, 18, 4000]
+    for ch in bad:
+        direct_write(c.beta_dev, ch * CHUNK, rng.randbytes(CHUNK))
+    before = resynced()
+    out = c.repctl("alpha", "verify", "r0", "beta", "--repair", "--wait", "--timeout", "120",
+                   check=False)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"r0/beta: 3 of {(SIZE_MB << 20) // CHUNK} chunks differ" in out.stdout, out.stdout
+    assert out.stdout.splitlines()[-2:] == ["r0/beta: 3 chunks marked out of sync: repairing",
+                                            "r0/beta: repaired, streaming"], out.stdout
+    after = resynced()
+    assert {n: after[n] - before[n] for n in after} == {"beta": 3 * CHUNK, "gamma": 0}
+    assert alpha.call("verify", resource="r0", target="beta")["differing"] == []
+    d = c.digests()
+    assert d["alpha"] == d["beta"] == d["gamma"], d
+
+
 def test_events_follow_a_pause_and_a_resume(cluster):
     """alpha's events over its control socket (what `repctl events` prints), on the real module:
     gamma paused, 8 MiB written, gamma resumed: its connection and state changes, and its

@@ -122,6 +122,7 @@ class Link:
         self.words_lock = threading.Lock()  # orders the connection events of several threads
         self.connection = self._connection()  # as the last `connection` event said
         self.wake = threading.Event()
+        self.repair_wanted = threading.Event()  # `verify --repair` marked chunks (mark_out_of_sync)
         # held while ring records are read and sent: the engine takes it before
         # it lets the kernel reuse ring space this link may still be sending
         self.send_lock = threading.Lock()
@@ -511,6 +512,8 @@ class Link:
             return "waiting to be admitted to the stream"
         if s.gen != self.join_gen:
             self._admitted(conn, s)
+        if self.repair_wanted.is_set():
+            self._repair(s)
         sent = self._send_records(conn, s.gen)
         resynced = None
         if self.state in (LinkState.SYNCING, LinkState.BEHIND):
@@ -538,6 +541,30 @@ class Link:
                            else LinkState.SYNCING, f"{pending} chunks to resync")
         else:
             self._resync_done(conn, "nothing to resync")
+
+    def mark_out_of_sync(self, chunks: list[int]) -> int:
+        """Mark `chunks` out of sync for this target (`verify --repair`: they differ) and have
+        the sender resync them from this node's device. Returns once the bits are durable in
+        this target's OOS file, so that a crash from then on resyncs them after the restart;
+        how many chunks were not marked already."""
+        added = self.oos.mark(chunks)
+        self.oos.save()
+        self.repair_wanted.set()
+        self.wake.set()
+        return added
+
+    def _repair(self, s: _Session) -> None:
+        """The sender's side of `mark_out_of_sync`: a target that streams starts a resync of
+        its bitmap, as after an admission; one that resyncs already sends the new chunks in its
+        next pass (the marks voided the clears of the windows in flight)."""
+        self.repair_wanted.clear()
+        pending = self.oos.count()
+        if self.state is not LinkState.STREAMING or not pending:
+            return
+        s.restart(self.oos)
+        self.sync_total, self.sync_done = pending * self.res.chunk_bytes, 0
+        self.sync_started = self.progress_at = time.monotonic()
+        self.set_state(LinkState.SYNCING, f"{pending} chunks to resync (verify --repair)")
 
     def _resync_done(self, conn: P.FramedConnection, why: str) -> None:
         """The target holds our data but for the records in flight: it takes our generation,

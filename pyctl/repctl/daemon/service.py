@@ -458,8 +458,8 @@ class Daemon:
         self._set_admin(resource, target, Admin.UP)
         return "connecting"
 
-    def verify(self, resource: str, target: str) -> dict[str, Any]:
-        return self._source(resource).verify(target)
+    def verify(self, resource: str, target: str, repair: bool = False) -> dict[str, Any]:
+        return self._source(resource).verify(target, repair=repair)
 
     def cancel_verify(self, resource: str, target: str) -> str:
         return self._source(resource).cancel_verify(target)

@@ -590,12 +590,17 @@ class SourceResource(ResourceBase):
         return {**link.status(), "admin": link.admin,
                 "verify": progress.status() if progress is not None else None}
 
-    def verify(self, target: str) -> dict[str, Any]:
-        """Compare chunk digests with the target; a second pass re-checks what differed."""
+    def verify(self, target: str, repair: bool = False) -> dict[str, Any]:
+        """Compare chunk digests with the target; a second pass re-checks what differed.
+
+        With `repair`, the chunks that still differ are marked out of sync for this target
+        only, durably before the answer (`marked_out_of_sync` in it), and its link resyncs
+        them from this node's device: its state goes from streaming to syncing and back."""
         link = self.link(target)
         conn = link.conn
         if conn is None or link.state is not LinkState.STREAMING:
-            raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot verify "
+            what = "verify and repair" if repair else "verify"
+            raise ReplError(f"{self.name}/{target}: not streaming ({link.state}): cannot {what} "
                             f"now; run it once `repctl status {self.name}` shows it streaming")
         progress = VerifyProgress(self.nr_chunks, self.chunk_bytes)
         if self.verifying.setdefault(target, progress) is not progress:
@@ -608,6 +613,16 @@ class SourceResource(ResourceBase):
                 progress.cancelled.wait(0.5)  # writes in flight during the first pass settle
                 progress.begin(2, len(differing))
                 differing = self._compare(link, conn, sorted(differing), progress)
+            if repair and differing:
+                # durable before anyone hears of it: a crash from now on resyncs them anyway
+                try:
+                    link.mark_out_of_sync(sorted(differing))
+                except OSError as e:
+                    raise ReplError(f"{self.name}/{target}: {len(differing)} chunks differ, but "
+                                    f"marking them out of sync failed: {e}; the resync may not "
+                                    "have started: run the verify with --repair again") from e
+                log.warning("%s/%s: verify --repair: %d chunks differ, marked out of sync for "
+                            "this target: resyncing them", self.name, target, len(differing))
         finally:
             del self.verifying[target]
             progress.finished.set()
@@ -615,11 +630,16 @@ class SourceResource(ResourceBase):
             try:
                 run_hooks(self.cfg, HookEvent.OUT_OF_SYNC, node=self.node, peer=target,
                           role=Role.PRIMARY, executor=self.daemon.executor,
-                          extra_env={"REPCTL_OUT_OF_SYNC_CHUNKS": str(len(differing))})
+                          extra_env={"REPCTL_OUT_OF_SYNC_CHUNKS": str(len(differing)),
+                                     "REPCTL_REPAIR": "1" if repair else "0"})
             except ReplError as e:
                 log.error("%s: %s", self.name, e)
-        return {"resource": self.name, "target": target, "chunks": self.nr_chunks,
-                "chunk_size": self.chunk_bytes, "differing": sorted(differing)}
+        result: dict[str, Any] = {"resource": self.name, "target": target,
+                                  "chunks": self.nr_chunks, "chunk_size": self.chunk_bytes,
+                                  "differing": sorted(differing)}
+        if repair:
+            result["marked_out_of_sync"] = len(differing)
+        return result
 
     def cancel_verify(self, target: str, wait: float = 30.0) -> str:
         """Stop the running verify of `target` at its next chunk boundary (after the answer to

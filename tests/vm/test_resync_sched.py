@@ -19,7 +19,7 @@ from repctl.config import parse_config
 from repctl.daemon import Daemon
 from replfix import sha256_of
 
-SIZE_MB = 24
+SIZE_MB = 8
 RESOURCES = ("r0", "r1")
 
 
@@ -40,19 +40,20 @@ def _config(node: str, devices: dict[str, dict[str, str]]) -> str:
                   f"      beta: {{address: 127.0.0.2, device: {d['beta']}}}",
                   "    targets:",
                   # paced, so that the first resync lasts long enough to see the second wait
-                  "      beta: {mode: async, resync: {min_rate: 2MiB, max_rate: 8MiB}}"]
+                  "      beta: {mode: async, resync: {min_rate: 4MiB, max_rate: 8MiB}}"]
     return "\n".join(lines) + "\n"
 
 
 def _fio(dev: str, seed: int) -> None:
     subprocess.run(["fio", "--name=w", "--ioengine=psync", "--direct=1", f"--filename={dev}",
-                    "--rw=randwrite", "--bs=4k", f"--size={SIZE_MB}M", "--number_ios=1500",
+                    "--rw=randwrite", "--bs=4k", f"--size={SIZE_MB}M", "--number_ios=400",
                     f"--randseed={seed}", "--output-format=terse"],
                    check=True, capture_output=True, timeout=120)
 
 
 def test_two_resyncs_one_slot_while_fio_writes(cleanup, loopdev):
     t0 = time.monotonic()
+    marks: dict[str, float] = {}
     devices: dict[str, dict[str, str]] = {}
     for res in RESOURCES:
         data = loopdev(SIZE_MB)
@@ -80,6 +81,7 @@ def test_two_resyncs_one_slot_while_fio_writes(cleanup, loopdev):
     alpha = daemons["alpha"] = Daemon(configs["alpha"], "alpha")
     alpha.start()
     assert not alpha.failed and not beta.failed, (alpha.failed, beta.failed)
+    marks["daemons up"] = time.monotonic() - t0
 
     # watch the status while the resyncs run: the limit, and who waited
     seen: dict = {"max_running": 0, "queued": set()}
@@ -109,7 +111,9 @@ def test_two_resyncs_one_slot_while_fio_writes(cleanup, loopdev):
                     and t["lag_records"] == 0 and t["out_of_sync_bytes"] == 0):
                 return False
         return True
+    marks["fio done"] = time.monotonic() - t0
     wait_for(converged, 90, "both targets streaming and caught up", interval=0.2)
+    marks["converged"] = time.monotonic() - t0
     done.set()
     watcher.join(5)
 
@@ -119,4 +123,6 @@ def test_two_resyncs_one_slot_while_fio_writes(cleanup, loopdev):
     for res in RESOURCES:
         src = sha256_of(f"/dev/mapper/{res}", size)
         assert sha256_of(devices[res]["beta"], size) == src, res
-    print(f"two resyncs, one slot: {time.monotonic() - t0:.1f} s, queued: {seen['queued']}")
+    marks["compared"] = time.monotonic() - t0
+    print(f"two resyncs, one slot: queued {sorted(seen['queued'])}; at "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items()))

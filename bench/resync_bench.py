@@ -87,7 +87,8 @@ class ResyncBench(rb.Bench):
         if resync is not None:
             for node in c.ns:
                 text = c.cfg[node].read_text()
-                new = text.replace("beta: {mode: async}", f"beta: {{mode: async, resync: {resync}}}")
+                new = text.replace("beta: {mode: async}",
+                                   f"beta: {{mode: async, resync: {resync}}}")
                 if new == text:
                     raise rb.BenchError("tests/vm/cluster.py's config_text changed: no target line")
                 c.cfg[node].write_text(new)

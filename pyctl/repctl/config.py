@@ -977,7 +977,9 @@ _SCHEDULER_KEYS = {
 _RESYNC_KEYS = {
     "min_rate": _Key(_bounded_rate(MIN_RESYNC_RATE, MAX_RESYNC_RATE), ResyncSettings.min_rate),
     "max_rate": _Key(_bounded_rate(MIN_RESYNC_RATE, MAX_RESYNC_RATE, unlimited=True), None),
-    "fill_target": _Key(_bounded_size(MIN_FILL_TARGET, MAX_FILL_TARGET), ResyncSettings.fill_target),
+    "fill_target": _Key(
+        _bounded_size(MIN_FILL_TARGET, MAX_FILL_TARGET), ResyncSettings.fill_target
+    ),
     "plan_ahead": _Key(
         _bounded_duration(MIN_PLAN_AHEAD, MAX_PLAN_AHEAD, "how fast the rate follows the link"),
         ResyncSettings.plan_ahead,

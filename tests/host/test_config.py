@@ -225,7 +225,8 @@ CASES = [
      f"{R0}.nodes.be ta", "a node name"),
     ("bad resource name", _set("resources.r/0", {}), "resources.r/0", "a resource name"),
     ("global not a mapping", _set("global", ["x"]), "global",
-     "a mapping with keys control_socket, state_dir, secret_file, metrics, tls, resync, got a list"),
+     "a mapping with keys control_socket, state_dir, secret_file, metrics, tls, resync, got a "
+     "list"),
     # A node's metadata is never its data device: create-md --force would format the data.
     ("metadata is the device", _set(f"{R0}.nodes.beta.metadata", "/dev/vg0/data"),
      f"{R0}.nodes.beta.metadata", ("expected a metadata device other than the node's data device "

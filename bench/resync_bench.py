@@ -111,8 +111,8 @@ class ResyncBench(rb.Bench):
     def resync_run(self, tag: str, resync: str | None) -> dict[str, Any]:
         c = self.cluster
         assert c is not None
+        self.configure(resync)  # first: fresh() runs create-md with it
         self.fresh()
-        self.configure(resync)
         t_start = time.time()
         # alpha's link is down until its events are followed: the `syncing` event is seen
         rb.sh("ip", "-n", rb.SRC_NS, "link", "set", rb.SRC_IF, "down")

@@ -401,3 +401,20 @@ def test_three_resources_resync_one_at_a_time_in_order_and_converge(
     for i in range(3):
         assert (tmp / f"replica{i}.img").read_bytes() == (tmp / f"data{i}.img").read_bytes()
     assert all(link.admin is Admin.UP for link in links.values())
+
+
+def test_status_shows_a_waiting_resync_and_the_pace_of_a_running_one() -> None:
+    from repctl import render
+
+    status = {"resources": [{"name": "r0", "role": "primary", "disk": "UpToDate", "targets": [
+        {"name": "beta", "mode": "async", "state": "syncing", "resync_queued": 2,
+         "resync_rate_bps": None, "resync_app_busy": False},
+        {"name": "gamma", "mode": "async", "state": "syncing", "resync_queued": None,
+         "resync_rate_bps": 4 * MiB, "resync_app_busy": True}]}]}
+    rows = render.status_rows(status)
+    assert [r["state"] for r in rows] == ["syncing (queued 2)", "syncing"]
+    assert render.state_text(rows[0]["state"]).style == render.state_text("syncing").style
+    details = "\n".join(render.status_details(status))
+    assert "r0 -> beta: resync waits for a slot: 2 in the queue" in details
+    assert "r0 -> gamma: resync paced at 4.0 MiB/s (the application is busy)" in details
+    assert "resync_queued" not in details  # not repeated raw as an unknown field

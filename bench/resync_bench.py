@@ -12,7 +12,8 @@ one veth pair, real `repctl daemon` processes in each (bench/replicate_bench.py'
 The application is fio on /dev/mapper/r0: 4 KiB random writes, O_DIRECT, queue depth 1
 (psync), for --runtime seconds. Three runs, in one VM boot, printed side by side:
 
-    idle        fio with the target streaming: no resync (the baseline)
+    idle        fio with the target streaming: no resync (the baseline), after the first
+                resync, and again at the end (idle_after: the emulated VM's speed drifts)
     unlimited   a full resync of the 256 MiB device (fresh metadata: a new generation, a
                 target that holds nothing) with the controller out of the way
                 (`resync: {min_rate: 64GiB}`: no rate is below the floor), fio started as the
@@ -43,7 +44,7 @@ import replicate_bench as rb  # noqa: E402  (sets the pycache prefix before repc
 
 MiB = rb.MiB
 UNLIMITED = "{min_rate: 64GiB}"  # the controller's floor above any link: it never holds back
-RUNS = ("idle", "unlimited", "controlled")
+RUNS = ("idle", "unlimited", "controlled", "idle_after")
 
 
 def say(msg: str) -> None:
@@ -154,13 +155,13 @@ class ResyncBench(rb.Bench):
             f"{app['clat_ms_p99']:.2f} ms; resync {seconds:.1f} s")
         return r
 
-    def idle_run(self) -> dict[str, Any]:
+    def idle_run(self, tag: str) -> dict[str, Any]:
         c = self.cluster
         assert c is not None
         c.wait_converged()
-        app = fio_qd1(rb.DEV, self.args.runtime, self.results, "idle")
+        app = fio_qd1(rb.DEV, self.args.runtime, self.results, tag)
         c.wait_converged()
-        say(f"idle: {app['iops']:.0f} IOPS, p50 {app['clat_ms_p50']:.2f} ms, p99 "
+        say(f"{tag}: {app['iops']:.0f} IOPS, p50 {app['clat_ms_p50']:.2f} ms, p99 "
             f"{app['clat_ms_p99']:.2f} ms")
         return app
 
@@ -190,8 +191,9 @@ class ResyncBench(rb.Bench):
             self.fill()
             self.cluster = rb.Cluster(self.results, self.args.ring_size)
             self.runs["unlimited"] = self.resync_run("unlimited", UNLIMITED)
-            self.runs["idle"] = self.idle_run()
+            self.runs["idle"] = self.idle_run("idle")
             self.runs["controlled"] = self.resync_run("controlled", None)
+            self.runs["idle_after"] = self.idle_run("idle_after")  # the emulated VM drifts
             self.out["runs"] = self.runs
             lines = self.table()
             say(f"fio {self.args.runtime:g} s per run, started as the resync begins:")

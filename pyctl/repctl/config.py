@@ -176,7 +176,7 @@ class ResyncSettings:
 
     min_rate: int = 4 * MiB
     max_rate: int | None = None
-    fill_target: int = 1 * MiB
+    fill_target: int = 2 * MiB
     plan_ahead: float = 2.0
     app_busy: int = 64 * KiB
 

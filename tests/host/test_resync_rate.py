@@ -253,7 +253,7 @@ def test_the_resync_defaults() -> None:
     cfg = _cfg()
     assert cfg.global_.resync.concurrency == 2 and cfg.global_.resync.peer_rate is None
     r = cfg.resources["r0"].targets["b"].resync
-    assert r == ResyncSettings(min_rate=4 * MiB, max_rate=None, fill_target=1 * MiB,
+    assert r == ResyncSettings(min_rate=4 * MiB, max_rate=None, fill_target=2 * MiB,
                                plan_ahead=2.0, app_busy=64 * KiB)
 
 
@@ -418,3 +418,23 @@ def test_status_shows_a_waiting_resync_and_the_pace_of_a_running_one() -> None:
     assert "r0 -> beta: resync waits for a slot: 2 in the queue" in details
     assert "r0 -> gamma: resync paced at 4.0 MiB/s (the application is busy)" in details
     assert "resync_queued" not in details  # not repeated raw as an unknown field
+
+
+def test_a_resync_run_is_a_quarter_of_the_fill_target() -> None:
+    from repctl.daemon.resyncrate import run_bytes
+
+    assert run_bytes(ResyncSettings(), 1 * MiB) == 512 * KiB  # the default 2 MiB target
+    assert run_bytes(ResyncSettings(fill_target=64 * MiB), 1 * MiB) == 1 * MiB  # the largest
+    assert run_bytes(ResyncSettings(fill_target=64 * KiB), 1 * MiB) == 64 * KiB  # the least
+
+
+def test_below_the_fill_target_the_rate_ramps_above_it_it_follows_the_drain() -> None:
+    s = ResyncSettings(min_rate=1 * MiB, fill_target=2 * MiB, plan_ahead=2.0)
+    ctl = ResyncRate(s, 0.0)
+    ctl.drain, ctl.rate, ctl.fill = 8 * MiB, 8 * MiB, int(1.5 * MiB)
+    ctl.sent(int(0.8 * MiB), 0.05)
+    up = ctl.update(STEP, fill=int(1.5 * MiB), app_bps=0)  # below the target
+    assert up == pytest.approx(12 * MiB, rel=0.01)  # x1.5
+    ctl.sent(int(1.2 * MiB), 0.15)
+    down = ctl.update(2 * STEP, fill=4 * MiB, app_bps=0)  # 2 MiB above it
+    assert down < ctl.drain and down == pytest.approx(ctl.drain - 1 * MiB, rel=1e-6)

@@ -27,7 +27,7 @@ from repctl import protocol as P
 from repctl.compress import Codec, CompressionStats, available
 from repctl.config import Node, SplitBrainPolicy, Target, TargetMode
 from repctl.daemon.base import set_aside, tune
-from repctl.daemon.resyncrate import ResyncRate
+from repctl.daemon.resyncrate import ResyncRate, run_bytes
 from repctl.daemon.state import Admin, Connection, Event, LinkState, split_brain_refusal
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.oos import OOSBitmap
@@ -491,7 +491,10 @@ class Link:
     def _serve(self, conn: P.FramedConnection) -> None:
         """The session: turn after turn of ordered checks (`_turn`) until it ends."""
         self.res.join(self)
-        session = _Session(self.res.resync_buffer())
+        # a resync run is at most a quarter of the fill target (resyncrate.run_bytes)
+        run = max(1, run_bytes(self.resync_settings, RESYNC_RUN * self.res.chunk_bytes)
+                  // self.res.chunk_bytes)
+        session = _Session(self.res.resync_buffer(), run)
         try:
             while self.conn is conn and not self.res.stopping.is_set():
                 if self._turn(conn, session) is _ENDED:
@@ -725,8 +728,9 @@ class _Session:
     """What one session of a link tracks of its resync: the pass over the OOS bitmap, the runs
     sent and not yet pinged, and the pinged windows not yet confirmed durable."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, buf: Any, run: int = RESYNC_RUN) -> None:
         self.buf = buf          # the resync read buffer of this link
+        self.run = run          # chunks per resync run at most
         self.gen = -1           # the admission this session streams for
         self.epoch = 0
         self.resync: Iterator[range] = iter(())
@@ -740,7 +744,7 @@ class _Session:
     def restart(self, oos: OOSBitmap) -> None:
         """A new pass over the bitmap, with nothing in flight."""
         self.epoch = oos.epoch
-        self.resync = oos.runs(RESYNC_RUN)
+        self.resync = oos.runs(self.run)
         self.next_run = None
         self.inflight, self.inflight_bytes, self.unconfirmed = [], 0, []
 

@@ -20,8 +20,8 @@ and the controller computes a rate, in bytes per second:
     drain   = what the network took per second, smoothed  ((sent + fill_before - fill) / dt)
     want    = drain + (fill_target - fill) / plan_ahead      # steer the queue to fill_target,
                                                              # closing the gap over plan_ahead
-    want    = max(want, rate * 1.5) while fill < fill_target / 2   # the link takes it all: ramp
-                                                   # up, to at most 2 * drain + min_rate
+    want    = max(want, rate * 1.5) while fill < fill_target   # the link takes it all: ramp up,
+                                                # to at most 2 * drain + min_rate
     ceiling = ceiling / 2               each step the application is busy,
               ceiling * 1.5 + min_rate  each step it is not (up to max_rate)
     rate    = min(want, ceiling), clamped to [min_rate, max_rate]
@@ -34,6 +34,9 @@ resync backs off to `min_rate` within a few steps of the application becoming bu
 quiet. A short queue toward the peer keeps an async target's records from waiting behind resync
 data.
 
+A resync run (one frame) is at most a quarter of `fill_target` (`run_bytes`), so that the
+queue holds several frames at the target and the peer never waits for the next one.
+
 Sending is paced by a token bucket at `rate` (`delay`, `sent`): the link asks how long to wait
 before its next run and, meanwhile, keeps streaming records: pacing never holds the stream back.
 Nothing here reads a clock, a socket or a file: the caller passes `now` and the measurements, so
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 from repctl.config import ResyncSettings
 
-__all__ = ["STEP", "ResyncRate", "ResyncSettings", "TokenBucket"]
+__all__ = ["STEP", "ResyncRate", "ResyncSettings", "TokenBucket", "run_bytes"]
 
 STEP = 0.1          # seconds between two updates of the rate, at least
 GROW = 1.5          # the factor of a step up (the ramp, the ceiling's recovery)
@@ -53,6 +56,12 @@ LATENCY_FACTOR = 2.0  # busy: the application's write latency above this times i
 BASELINE_FORGET = 1.02  # the latency baseline creeps up by this factor a step toward the present
 SMOOTH = 0.5        # weight of the newest drain measurement in its moving average
 BURST = 0.1         # a token bucket holds at most this many seconds of its rate
+
+
+def run_bytes(settings: ResyncSettings, largest: int) -> int:
+    """The most bytes one resync run (frame) carries: a quarter of the fill target, at least
+    64 KiB, at most `largest`."""
+    return max(64 << 10, min(largest, settings.fill_target // 4))
 
 
 class TokenBucket:
@@ -119,7 +128,7 @@ class ResyncRate:
         drained = max(self.sent_since + self.fill - fill, 0)
         self.drain = SMOOTH * (drained / dt) + (1 - SMOOTH) * self.drain
         want = self.drain + (s.fill_target - fill) / s.plan_ahead
-        if fill < s.fill_target / 2:
+        if fill < s.fill_target:
             # the queue stays short: the link takes it all. Ramp up, but no further than twice
             # what was sent (a resync held back by the CPU or the disk never runs up a rate
             # that it would take many steps to come down from)

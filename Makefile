@@ -35,7 +35,7 @@ RESULTS := build/test-results
 .DEFAULT_GOAL := help
 # `make test` runs the host tier first, then the VM tier, also under -j.
 .NOTPARALLEL:
-.PHONY: help deps venv module test test-host test-vm test-cluster powercut soak demo bench clean
+.PHONY: help deps venv module test test-host test-vm test-cluster powercut soak demo bench bench-resync clean
 
 help:
 	@echo 'Targets:'
@@ -61,6 +61,7 @@ help:
 	@echo '                  switchover, failover and split-brain tests (tests/cluster; docs/vagrant.md)'
 	@echo '  make demo       boot the VM and run the demo'
 	@echo '  make bench      boot the VM (4G) and run bench/run.sh'
+	@echo '  make bench-resync  boot the VM and run only bench/resync_bench.py'
 	@echo '  make clean      remove build products (keeps .venv)'
 	@echo 'Details: docs/testing.md'
 
@@ -196,6 +197,11 @@ demo: venv
 
 bench: venv
 	$(call vm_run,--bench)
+
+# Only the resync benchmark (bench/resync_bench.py): an application's QD1 writes during a
+# resync, without and with the resync rate controller (docs/wan.md, "Resync rate").
+bench-resync: venv
+	$(call vm_run,--bench -- --resync-only)
 
 clean:
 	@if [ -n "$(KVER)" ] && [ -d "$(KDIR)" ]; then $(MAKE) -C $(KDIR) M=$(CURDIR)/kmod clean; fi

@@ -15,7 +15,11 @@
 #                                (with --replicate-only too)
 #   bench/cli_bench.py           how long repctl takes to start (--help, status) (with
 #                                --replicate-only too), docs/benchmarks.md "CLI start"
-# A first argument --target-only or --replicate-only runs one of the two.
+#   bench/resync_bench.py        an application's QD1 4 KiB writes during a full resync, without
+#                                and with the resync rate controller (docs/wan.md, "Resync
+#                                rate"); only with --resync-only (make bench-resync)
+# A first argument --target-only or --replicate-only runs one of the two; --resync-only runs
+# the resync benchmark alone.
 #
 # Exit status: non-zero when something failed (a device, fio, the consumer). A missed
 # performance aim is printed as MISSED but is not a failure.
@@ -32,6 +36,7 @@ which=both
 case "${1:-}" in
     --target-only) which=target; shift ;;
     --replicate-only) which=replicate; shift ;;
+    --resync-only) which=resync; shift ;;
 esac
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,10 +69,15 @@ for d in /dev/ram0 /dev/ram1; do
 done
 
 rc=0
-if [ "$which" != replicate ]; then
+if [ "$which" = resync ]; then
+    results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/resync
+    mkdir -p "$results"
+    "$py" bench/resync_bench.py --results "$results" "$@" || rc=$?
+fi
+if [ "$which" = both ] || [ "$which" = target ]; then
     "$py" bench/target_bench.py "$@" || rc=$?
 fi
-if [ "$which" != target ]; then
+if [ "$which" = both ] || [ "$which" = replicate ]; then
     results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/replicate
     mkdir -p "$results"
     "$py" bench/replicate_bench.py --results "$results" || rc=$?

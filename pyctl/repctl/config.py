@@ -52,6 +52,15 @@ MIN_HOOK_TIMEOUT = 1.0  # seconds
 MAX_HOOK_TIMEOUT = 3600.0
 DEFAULT_HOOK_TIMEOUT = 30.0
 METRICS_LOOPBACK = "127.0.0.1"  # where a bare metrics port listens (docs/metrics.md)
+# Resync pacing (docs/config.md, `resync`): a rate is bytes per second.
+MIN_RESYNC_RATE = 64 * KiB  # the least a resync may be held to: it always finishes
+MAX_RESYNC_RATE = 64 * GiB
+MIN_FILL_TARGET = 64 * KiB
+MAX_FILL_TARGET = 1 * GiB
+MIN_PLAN_AHEAD = 0.1  # seconds
+MAX_PLAN_AHEAD = 60.0
+MAX_RESYNC_CONCURRENCY = 1024
+DEFAULT_RESYNC_CONCURRENCY = 2
 
 # Node names that the daemon's state files of a resource would clash with: in
 # <state_dir>/<resource>/ the source keeps <target>.json and <target>.oos per target, and also
@@ -160,6 +169,29 @@ class TLSFiles:
 
 
 @dataclass(frozen=True)
+class ResyncSettings:
+    """How a target's resync is paced (docs/config.md, `resources.NAME.targets.NODE.resync`;
+    repctl.daemon.resyncrate): rates in bytes per second (`max_rate` None: no upper bound),
+    `fill_target` in bytes, `plan_ahead` in seconds, `app_busy` in bytes per second."""
+
+    min_rate: int = 4 * MiB
+    max_rate: int | None = None
+    fill_target: int = 2 * MiB
+    plan_ahead: float = 2.0
+    app_busy: int = 64 * KiB
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The daemon's resync scheduler (docs/config.md, `global.resync`): how many resyncs run at
+    once (None: no limit) and the bytes per second the resyncs toward one peer node share (None:
+    no limit)."""
+
+    concurrency: int | None = DEFAULT_RESYNC_CONCURRENCY
+    peer_rate: int | None = None
+
+
+@dataclass(frozen=True)
 class GlobalConfig:
     """Settings shared by every resource of this file."""
 
@@ -170,6 +202,7 @@ class GlobalConfig:
     metrics: tuple[str, int] | None = None
     # TLS between the nodes, for every node that does not name its own; None: plain TCP
     tls: TLSFiles | None = None
+    resync: SchedulerSettings = SchedulerSettings()
 
 
 @dataclass(frozen=True)
@@ -192,6 +225,7 @@ class Target:
     max_lag: int | None  # bytes, below the resource's ring_size; async targets only (sync: None)
     compression: Compression = Compression.NONE
     compression_level: int | None = None  # zstd's level (default 3); None for lz4 and none
+    resync: ResyncSettings = ResyncSettings()  # how its resyncs are paced
 
 
 @dataclass(frozen=True)
@@ -343,6 +377,7 @@ class Config:
                        if t.compression is not Compression.NONE else {}),
                     **({"compression_level": t.compression_level}
                        if t.compression_level is not None else {}),
+                    **({"resync": _resync_dict(t.resync)} if t.resync != ResyncSettings() else {}),
                 }
                 for t in r.targets.values()
             }
@@ -370,6 +405,10 @@ class Config:
             glob["metrics"] = format_host_port(*g.metrics)
         if g.tls is not None:
             glob["tls"] = _tls_dict(g.tls)
+        if g.resync != SchedulerSettings():
+            c = g.resync.concurrency
+            glob["resync"] = {"concurrency": "unlimited" if c is None else c,
+                              "peer_rate": format_rate(g.resync.peer_rate)}
         return {"global": glob, "resources": resources}
 
     def dump(self) -> str:
@@ -378,6 +417,12 @@ class Config:
 
         text: str = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
         return text
+
+
+def _resync_dict(r: ResyncSettings) -> dict[str, Any]:
+    return {"min_rate": format_rate(r.min_rate), "max_rate": format_rate(r.max_rate),
+            "fill_target": format_size(r.fill_target),
+            "plan_ahead": format_duration(r.plan_ahead), "app_busy": format_rate(r.app_busy)}
 
 
 def _tls_dict(tls: TLSFiles) -> dict[str, str]:
@@ -573,6 +618,76 @@ def _bounded_duration(lo: float, hi: float, why: str) -> Callable[[object], floa
         return t
 
     return parse
+
+
+_RATE_RE = re.compile(r"(\d+)\s*([A-Za-z]*)(?:\s*/\s*s)?")
+_BIT_UNITS = {"kbit": 1000 // 8, "mbit": 1000**2 // 8, "gbit": 1000**3 // 8}
+_RATE_EXPECTED = (
+    "a rate in bytes per second such as 4MiB, 512KiB/s, or in bits per second (decimal) such "
+    "as 100Mbit"
+)
+
+
+def parse_rate(value: object) -> int:
+    """Bytes per second from a size per second (``4MiB``, ``512KiB/s``, ``1048576``) or a bit
+    rate with decimal units (``100Mbit``, ``1Gbit/s``: a network's own units). Raises
+    ValueError."""
+    try:
+        return _rate_value(value)
+    except _Invalid as exc:
+        raise ValueError(f"expected {exc.expected}, got {value!r}") from None
+
+
+def _rate_value(value: object) -> int:
+    if isinstance(value, str):
+        m = _RATE_RE.fullmatch(value.strip())
+        if m is None:
+            raise _Invalid(_RATE_EXPECTED)
+        unit = m.group(2).lower()
+        if unit in _BIT_UNITS:
+            return int(m.group(1)) * _BIT_UNITS[unit]
+        value = m.group(1) + m.group(2)
+    try:
+        return _size(value)
+    except _Invalid:
+        raise _Invalid(_RATE_EXPECTED) from None
+
+
+def _bounded_rate(lo: int, hi: int, *, unlimited: bool = False) -> Callable[[object], int | None]:
+    """A rate from `lo` to `hi` bytes per second; with `unlimited`, also the word unlimited
+    (None)."""
+
+    def parse(value: object) -> int | None:
+        if unlimited and isinstance(value, str) and value.strip().lower() == "unlimited":
+            return None
+        what = f"{_RATE_EXPECTED}, from {format_size(lo)}/s to {format_size(hi)}/s"
+        if unlimited:
+            what += ", or unlimited"
+        try:
+            n = _rate_value(value)
+        except _Invalid:
+            raise _Invalid(what) from None
+        if not lo <= n <= hi:
+            raise _Invalid(what)
+        return n
+
+    return parse
+
+
+def format_rate(n: int | None) -> str:
+    """A rate that `_bounded_rate` reads back (``4MiB/s``, ``unlimited``)."""
+    return "unlimited" if n is None else f"{format_size(n)}/s"
+
+
+def _concurrency(value: object) -> int | None:
+    expected = f"an integer from 1 to {MAX_RESYNC_CONCURRENCY}, or unlimited"
+    if isinstance(value, str) and value.strip().lower() == "unlimited":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(expected)
+    if not 1 <= value <= MAX_RESYNC_CONCURRENCY:
+        raise _Invalid(expected)
+    return value
 
 
 def _port(value: object) -> int:
@@ -849,6 +964,27 @@ _GLOBAL_KEYS = {
     "secret_file": _Key(_abs_path, Path("/etc/repctl/secret")),
     "metrics": _Key(_metrics, None),
     "tls": _Key(_tls, None),
+    "resync": _Key(_mapping, {}),  # _SCHEDULER_KEYS
+}
+
+# global.resync: the daemon's resync scheduler.
+_SCHEDULER_KEYS = {
+    "concurrency": _Key(_concurrency, DEFAULT_RESYNC_CONCURRENCY),
+    "peer_rate": _Key(_bounded_rate(MIN_RESYNC_RATE, MAX_RESYNC_RATE, unlimited=True), None),
+}
+
+# resources.NAME.targets.NODE.resync: how that target's resyncs are paced.
+_RESYNC_KEYS = {
+    "min_rate": _Key(_bounded_rate(MIN_RESYNC_RATE, MAX_RESYNC_RATE), ResyncSettings.min_rate),
+    "max_rate": _Key(_bounded_rate(MIN_RESYNC_RATE, MAX_RESYNC_RATE, unlimited=True), None),
+    "fill_target": _Key(
+        _bounded_size(MIN_FILL_TARGET, MAX_FILL_TARGET), ResyncSettings.fill_target
+    ),
+    "plan_ahead": _Key(
+        _bounded_duration(MIN_PLAN_AHEAD, MAX_PLAN_AHEAD, "how fast the rate follows the link"),
+        ResyncSettings.plan_ahead,
+    ),
+    "app_busy": _Key(_bounded_rate(4 * KiB, MAX_RESYNC_RATE), ResyncSettings.app_busy),
 }
 
 _RESOURCE_KEYS = {
@@ -905,6 +1041,7 @@ _TARGET_KEYS = {
     "max_lag": _Key(_bounded_size(MIN_MAX_LAG, MAX_RING_SIZE), None),  # and below ring_size
     "compression": _Key(_compression, Compression.NONE),
     "compression_level": _Key(_zstd_level, None),  # zstd only
+    "resync": _Key(_mapping, {}),  # _RESYNC_KEYS
 }
 
 _TOP_KEYS = {
@@ -977,6 +1114,9 @@ class _Validator:
     def config(self, data: object) -> Config:
         top = self.section(data if data is not None else {}, (), _TOP_KEYS)
         g = self.section(top["global"], ("global",), _GLOBAL_KEYS)
+        g["resync"] = SchedulerSettings(
+            **self.section(g["resync"], ("global", "resync"), _SCHEDULER_KEYS)
+        )
         glob = GlobalConfig(**g)
         resources: dict[str, Resource] = {}
         ports: dict[int, str] = {}
@@ -1147,7 +1287,16 @@ class _Validator:
                 )
             if t["compression"] is Compression.ZSTD and level is None:
                 level = ZSTD_DEFAULT_LEVEL
-            targets[tname] = Target(tname, t["mode"], max_lag, t["compression"], level)
+            rs = self.section(t["resync"], (*tpath, "resync"), _RESYNC_KEYS)
+            if rs["max_rate"] is not None and rs["max_rate"] < rs["min_rate"]:
+                raise self.error(
+                    (*tpath, "resync", "max_rate"),
+                    f"a max_rate of at least the min_rate, {format_rate(rs['min_rate'])}",
+                    repr(t["resync"]["max_rate"]),
+                )
+            targets[tname] = Target(
+                tname, t["mode"], max_lag, t["compression"], level, ResyncSettings(**rs)
+            )
 
         given = self.section(r["hooks"], (*path, "hooks"), _HOOK_KEYS)
         hooks = {HookEvent(k): v for k, v in given.items() if v is not None}

@@ -178,7 +178,8 @@ def state_text(state: object) -> Text:
 
     if state is None:
         return Text(MISSING)
-    return Text(str(state), style=STATE_STYLES.get(str(state), ""))
+    word = str(state).split(" ", 1)[0]  # `syncing (queued 2)`: styled as syncing
+    return Text(str(state), style=STATE_STYLES.get(word, ""))
 
 
 #: Cells of the bar in the Sync column.
@@ -286,7 +287,9 @@ def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
                 **base,
                 "target": t.get("name"),
                 "mode": t.get("mode"),
-                "state": t.get("state"),
+                # a resync waiting for a slot of the daemon's scheduler says its place
+                "state": (f"{t.get('state')} (queued {t['resync_queued']})"
+                          if t.get("resync_queued") else t.get("state")),
                 "connection": t.get("connection"),
                 "out_of_sync": t.get("out_of_sync_bytes"),
                 "sync": t.get("sync"),
@@ -302,7 +305,7 @@ _KNOWN_RES = {"name", "role", "disk", "device", "kernel", "targets", "source", "
               "state", "consistent", "bytes_received", "last_error", "size", *_COMPRESSION}
 _KNOWN_TARGET = {"name", "mode", "state", "connection", "address", "out_of_sync_bytes",
                  "bytes_sent", "resync_bytes", "lag_bytes", "lag_records", "sync", "last_error", "admin", "verify",
-                 *_COMPRESSION}
+                 "resync_queued", "resync_rate_bps", "resync_app_busy", *_COMPRESSION}
 
 
 def _extra(d: Mapping[str, Any], known: set[str]) -> list[str]:
@@ -367,6 +370,12 @@ def status_details(status: Mapping[str, Any]) -> list[str]:
                 tparts.append(f"at {t['address']}")
             if isinstance(t.get("verify"), Mapping):
                 tparts.append(f"verifying: {verify_bar(t['verify']).detail}")
+            if t.get("resync_queued"):
+                tparts.append(f"resync waits for a slot: {t['resync_queued']} in the queue")
+            if t.get("resync_rate_bps") is not None:
+                tparts.append(f"resync paced at {human_rate(t['resync_rate_bps'])}"
+                              + (" (the application is busy)" if t.get("resync_app_busy")
+                                 else ""))
             tparts += _compression(t)
             tparts += _extra(t, _KNOWN_TARGET)
             if t.get("last_error"):

@@ -134,7 +134,8 @@ def test_every_key_is_documented():
     text = (ROOT / "docs" / "config.md").read_text()
     tables = (
         c._TOP_KEYS, c._GLOBAL_KEYS, c._RESOURCE_KEYS, c._NODE_KEYS, c._TARGET_KEYS,
-        c._HOOK_KEYS, c._ACTION_KEYS, c._MOUNT_KEYS, c._ADDRESS_KEYS,
+        c._HOOK_KEYS, c._ACTION_KEYS, c._MOUNT_KEYS, c._ADDRESS_KEYS, c._SCHEDULER_KEYS,
+        c._RESYNC_KEYS,
     )  # fmt: skip
     for keys in tables:
         for key in keys:
@@ -235,7 +236,8 @@ CASES = [
      f"{R0}.nodes.be ta", "a node name"),
     ("bad resource name", _set("resources.r/0", {}), "resources.r/0", "a resource name"),
     ("global not a mapping", _set("global", ["x"]), "global",
-     "a mapping with keys control_socket, state_dir, secret_file, metrics, tls, got a list"),
+     "a mapping with keys control_socket, state_dir, secret_file, metrics, tls, resync, got a "
+     "list"),
     # A node's metadata is never its data device: create-md --force would format the data.
     ("metadata is the device", _set(f"{R0}.nodes.beta.metadata", "/dev/vg0/data"),
      f"{R0}.nodes.beta.metadata", ("expected a metadata device other than the node's data device "

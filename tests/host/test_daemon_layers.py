@@ -12,8 +12,8 @@ import pytest
 from repctl.daemon import state as S
 
 PKG = Path(__file__).resolve().parents[2] / "pyctl" / "repctl"
-ORDER = ["state", "events", "stats", "base", "verify", "link", "source", "target", "failover",
-         "metrics", "service"]
+ORDER = ["state", "events", "stats", "base", "verify", "resyncrate", "scheduler", "link", "source",
+         "target", "failover", "metrics", "service"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -7,6 +7,9 @@ One module per concern, each importing only those above it in this list:
 * `stats`: the counters the metrics need beyond `status` (ack latency, fallbacks, refusals);
 * `base`: what both sides of a resource share, and the socket and state-file helpers;
 * `verify`: the progress of a running `verify`;
+* `resyncrate`: the controller that paces one link's resync (fill target, min/max rate, yields
+  to the application);
+* `scheduler`: the daemon's resync slots (FIFO) and per-peer byte budgets;
 * `link`: the source's view of one target (connection, stream position, OOS bitmap);
 * `source`: a resource this node is the source of: device, engine, links;
 * `target`: a resource this node is a target of: listener, apply, acknowledge;

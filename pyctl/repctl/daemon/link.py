@@ -9,11 +9,14 @@ ring position; the link never acknowledges anything to the kernel itself.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import queue
 import secrets
 import socket
+import struct
+import termios
 import threading
 import time
 from collections import deque
@@ -24,6 +27,7 @@ from repctl import protocol as P
 from repctl.compress import Codec, CompressionStats, available
 from repctl.config import Node, SplitBrainPolicy, Target, TargetMode
 from repctl.daemon.base import set_aside, tune
+from repctl.daemon.resyncrate import ResyncRate, run_bytes
 from repctl.daemon.state import Admin, Connection, Event, LinkState, split_brain_refusal
 from repctl.errors import HandshakeRefused, ProtocolError, ReplError
 from repctl.oos import OOSBitmap
@@ -68,6 +72,10 @@ class Link:
         self.compression = Codec[target.compression.name]  # offered at each handshake
         self.compression_level = target.compression_level or 0
         self.compression_stats = CompressionStats()  # of every connection, since the start
+        self.resync_settings = target.resync  # how its resyncs are paced (resyncrate.py)
+        self.slot_key = (res.name, self.name)  # its resyncs in the daemon's scheduler
+        self.queued_at: float | None = None  # since when its resync waits for a slot
+        self.pacer: ResyncRate | None = None  # the running resync's controller
         self.node = node
         self.address = (node.address, res.cfg.port)
         self.state_path = res.state_dir / f"{self.name}.json"
@@ -221,7 +229,18 @@ class Link:
                 "resync_bytes": self.resync_bytes, "lag_records": lag,
                 **self._compression_status(),
                 "lag_bytes": st.ring_used if lag and st is not None else 0, "sync": sync,
-                "last_error": self.last_error}
+                **self._resync_status(), "last_error": self.last_error}
+
+    def _resync_status(self) -> dict[str, Any]:
+        """The scheduler's fields of `status`: the resync's place in the queue for a slot (1:
+        next; null: not waiting), and the rate its controller allows now (null: no resync)."""
+        resyncing = self.state in (LinkState.SYNCING, LinkState.BEHIND)
+        queued = (self.res.daemon.scheduler.position(self.slot_key)
+                  if resyncing and self.queued_at is not None else None)
+        pacer = self.pacer if resyncing and queued is None else None
+        return {"resync_queued": queued,
+                "resync_rate_bps": pacer.status()["rate_bps"] if pacer is not None else None,
+                "resync_app_busy": bool(pacer.busy) if pacer is not None else False}
 
     def _compression_status(self) -> dict[str, Any]:
         """The compression fields of `status`: the codec of the session (null without one)."""
@@ -494,10 +513,16 @@ class Link:
     def _serve(self, conn: P.FramedConnection) -> None:
         """The session: turn after turn of ordered checks (`_turn`) until it ends."""
         self.res.join(self)
-        session = _Session(self.res.resync_buffer())
-        while self.conn is conn and not self.res.stopping.is_set():
-            if self._turn(conn, session) is _ENDED:
-                return
+        # a resync run is at most a quarter of the fill target (resyncrate.run_bytes)
+        run = max(1, run_bytes(self.resync_settings, RESYNC_RUN * self.res.chunk_bytes)
+                  // self.res.chunk_bytes)
+        session = _Session(self.res.resync_buffer(), run)
+        try:
+            while self.conn is conn and not self.res.stopping.is_set():
+                if self._turn(conn, session) is _ENDED:
+                    return
+        finally:
+            self._release_slot()  # the session ended: its resync (if any) too
 
     def _turn(self, conn: P.FramedConnection, s: _Session) -> str:
         """One turn of the session, as ordered checks; says what it did. The order matters:
@@ -516,17 +541,22 @@ class Link:
             self._repair(s)
         sent = self._send_records(conn, s.gen)
         resynced = None
+        s.hold = 0.0
         if self.state in (LinkState.SYNCING, LinkState.BEHIND):
             resynced = self._resync_step(conn, s)
             if resynced is _ENDED:
                 return _ENDED
-        if sent or resynced is not None:
+        if sent or (resynced is not None and not s.hold):
             return resynced or "sent records"
+        # nothing sent: wait for records, at most until the held resync may go on
+        wait_ms = ASYNC_WAIT_MS if self.mode is TargetMode.ASYNC else 100
+        if s.hold:
+            wait_ms = max(1, min(wait_ms, round(s.hold * 1000)))
         if self.mode is TargetMode.ASYNC:
-            self.res.consumer.wait(max(self.pos - 1, 0), ASYNC_WAIT_MS, batch=ASYNC_BATCH)
+            self.res.consumer.wait(max(self.pos - 1, 0), wait_ms, batch=ASYNC_BATCH)
         else:
-            self.res.consumer.wait(max(self.pos - 1, 0), 100)
-        return "idle"
+            self.res.consumer.wait(max(self.pos - 1, 0), wait_ms)
+        return resynced or "idle"
 
     def _admitted(self, conn: P.FramedConnection, s: _Session) -> None:
         """Admitted (again) by the engine: stream from the admission's mark, resync the OOS."""
@@ -569,6 +599,7 @@ class Link:
     def _resync_done(self, conn: P.FramedConnection, why: str) -> None:
         """The target holds our data but for the records in flight: it takes our generation,
         and this link's bitmap is kept against it from now on."""
+        self._release_slot()
         conn.send_message(P.ResyncDone(0))
         if self.sync_total:
             self._progress(final=True)
@@ -582,8 +613,14 @@ class Link:
     def _resync_step(self, conn: P.FramedConnection, s: _Session) -> str | None:
         """Send the next run of out-of-sync chunks, ping each full window, and clear the chunks
         of a window once the target has it durable. None when there was nothing to send."""
-        run = next(s.resync, None)
+        if s.next_run is None:
+            s.next_run = next(s.resync, None)
+        run = s.next_run
         if run is not None:
+            held = self._resync_held(conn, s)
+            if held is not None:
+                return held  # s.hold says for how long at most
+            s.next_run = None
             if self.by_checksum:
                 nbytes = self._send_differing(conn, run, s.buf)
             else:
@@ -594,6 +631,10 @@ class Link:
                 nbytes = len(data)
             s.inflight.append(run)
             s.inflight_bytes += nbytes
+            now = time.monotonic()
+            assert self.pacer is not None  # set by _resync_held
+            self.pacer.sent(nbytes, now)
+            self.res.daemon.scheduler.peer_take(self.name, nbytes, now)
         if s.inflight and (run is None or s.inflight_bytes >= RESYNC_WINDOW):
             # ping the window and go on sending: the link never idles waiting
             s.unconfirmed.append((self._send_ping(conn), s.inflight, s.inflight_bytes))
@@ -616,6 +657,46 @@ class Link:
             return "another resync pass"
         self._resync_done(conn, "resync finished")
         return None
+
+    def _resync_held(self, conn: P.FramedConnection, s: _Session) -> str | None:
+        """Why the next resync run may not be sent now, or None when it may: it waits for a
+        slot of the daemon's scheduler (FIFO), or its controller (resyncrate.py) or the peer's
+        byte budget paces it. `s.hold`: the seconds to wait at most before asking again."""
+        sched = self.res.daemon.scheduler
+        now = time.monotonic()
+        if not sched.acquire(self.slot_key, self.name, now, self.wake.set):
+            s.hold = 0.1
+            if self.queued_at is None:
+                self.queued_at = now
+                place = sched.position(self.slot_key)
+                text = (f"resync waits for a slot ({place} in the queue, "
+                        f"global.resync.concurrency {sched.concurrency})")
+                log.info("%s/%s: %s", self.res.name, self.name, text)
+                self.res.events.emit(resource=self.res.name, target=self.name,
+                                     what=Event.RESYNC_QUEUED, position=place, text=text)
+            return "waiting for a resync slot"
+        if self.queued_at is not None:
+            waited, self.queued_at = now - self.queued_at, None
+            self.sync_started = self.progress_at = now  # its rate counts from here
+            text = f"resync got a slot after waiting {waited:.1f} s"
+            log.info("%s/%s: %s", self.res.name, self.name, text)
+            self.res.events.emit(resource=self.res.name, target=self.name,
+                                 what=Event.RESYNC_STARTED, waited_s=round(waited, 1), text=text)
+        if self.pacer is None:
+            self.pacer = ResyncRate(self.resync_settings, now)
+        pacer = self.pacer
+        if pacer.due(now):
+            app_bps, app_latency = self.res.app_load()
+            pacer.update(now, fill=_queued_bytes(conn), app_bps=app_bps,
+                         app_latency=app_latency)
+        s.hold = max(pacer.delay(now), sched.peer_delay(self.name, now))
+        return "resync paced" if s.hold > 0 else None
+
+    def _release_slot(self) -> None:
+        """Give the resync's slot (or its place in the queue) back to the scheduler."""
+        self.res.daemon.scheduler.release(self.slot_key)
+        self.queued_at = None
+        self.pacer = None
 
     def _send_differing(self, conn: P.FramedConnection, run: range, buf: Any) -> int:
         """Resync `run` by checksums: ask the target for its digests, send only the chunks
@@ -695,11 +776,14 @@ class _Session:
     """What one session of a link tracks of its resync: the pass over the OOS bitmap, the runs
     sent and not yet pinged, and the pinged windows not yet confirmed durable."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, buf: Any, run: int = RESYNC_RUN) -> None:
         self.buf = buf          # the resync read buffer of this link
+        self.run = run          # chunks per resync run at most
         self.gen = -1           # the admission this session streams for
         self.epoch = 0
         self.resync: Iterator[range] = iter(())
+        self.next_run: range | None = None  # taken from `resync`, not sent yet (held)
+        self.hold = 0.0         # this turn's resync is held for at most this many seconds
         self.inflight: list[range] = []
         self.inflight_bytes = 0
         # windows sent and pinged, not yet confirmed durable: (pong, runs, bytes)
@@ -708,8 +792,19 @@ class _Session:
     def restart(self, oos: OOSBitmap) -> None:
         """A new pass over the bitmap, with nothing in flight."""
         self.epoch = oos.epoch
-        self.resync = oos.runs(RESYNC_RUN)
+        self.resync = oos.runs(self.run)
+        self.next_run = None
         self.inflight, self.inflight_bytes, self.unconfirmed = [], 0, []
+
+
+def _queued_bytes(conn: P.FramedConnection) -> int:
+    """The bytes queued in the connection's socket toward the peer, not sent or not yet
+    acknowledged by its TCP (SIOCOUTQ); 0 if it cannot be told."""
+    try:
+        got = fcntl.ioctl(conn.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        return int(struct.unpack("i", got)[0])
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _check_link_state(data: dict[str, Any]) -> str | None:

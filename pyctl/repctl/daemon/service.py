@@ -29,6 +29,7 @@ from repctl.daemon.failover import (
     start_as_primary,
 )
 from repctl.daemon.link import Link
+from repctl.daemon.scheduler import ResyncScheduler
 from repctl.daemon.source import SourceResource, check_generation, mapping_of
 from repctl.daemon.state import Admin, DiskState, Event, LinkState, Role, transition_refusal
 from repctl.daemon.stats import Stats
@@ -64,6 +65,9 @@ class Daemon:
         self.resources: dict[str, SourceResource | TargetResource] = {}
         self.failed: dict[str, str] = {}  # resources that could not come up, and why
         self.stats = Stats()  # what the metrics count beyond `status` (stats.py)
+        # resync slots and per-peer budgets, shared by every resource (scheduler.py)
+        self.scheduler = ResyncScheduler(config.global_.resync.concurrency,
+                                         config.global_.resync.peer_rate)
         self.metrics: MetricsServer | None = None  # serving while `global.metrics` is set
 
     @staticmethod

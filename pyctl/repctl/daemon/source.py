@@ -30,6 +30,7 @@ from repctl import protocol as P
 from repctl.config import Resource, TargetMode
 from repctl.daemon.base import READ_PIECE, SECTOR, Listener, ResourceBase, new_generation, tune
 from repctl.daemon.link import RESYNC_RUN, Link
+from repctl.daemon.resyncrate import STEP
 from repctl.daemon.state import DiskState, Event, LinkState, Role
 from repctl.daemon.verify import VerifyProgress
 from repctl.errors import HandshakeRefused, ReplError
@@ -126,6 +127,11 @@ class SourceResource(ResourceBase):
         self.verifying: dict[str, VerifyProgress] = {}  # target -> its running verify
         self.failed: str | None = None  # why the engine stopped for good (state `failed`)
         self.pending_clean: tuple[int, frozenset[str]] | None = None  # (mark, absorbed links)
+        # the application's load, for the links' resync controllers (app_load)
+        self.load_lock = threading.Lock()
+        self.load_at = 0.0
+        self.load_counts = (0, 0, 0)  # (write_bytes, writes done, write ms) at load_at
+        self.load: tuple[float, float | None] = (0.0, None)
 
     def generations(self) -> P.Generations:
         return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
@@ -322,6 +328,27 @@ class SourceResource(ResourceBase):
                                 f"{length} bytes)")
             got += n
         return view
+
+    def app_load(self) -> tuple[float, float | None]:
+        """The application's writes since the last look, for the resync controllers
+        (resyncrate.py): bytes per second (the kernel's write_bytes counter, every write made
+        through the device) and the mean write latency in seconds (the device's block stat
+        file; None when unknown or nothing completed). One look per STEP serves every link."""
+        with self.load_lock:
+            now = time.monotonic()
+            if now - self.load_at < STEP:
+                return self.load
+            wbytes = int(getattr(self.kernel_state(), "write_bytes", 0))
+            done, ticks = _write_stat(self.dev_path)
+            if self.load_at:
+                dt = now - self.load_at
+                old_bytes, old_done, old_ticks = self.load_counts
+                bps = max(wbytes - old_bytes, 0) / dt
+                latency = ((ticks - old_ticks) / 1000 / (done - old_done)
+                           if done > old_done and ticks >= old_ticks else None)
+                self.load = (bps, latency)
+            self.load_at, self.load_counts = now, (wbytes, done, ticks)
+            return self.load
 
     # -- joining the stream (engine thread) ------------------------------
     def join(self, link: Link) -> None:
@@ -712,6 +739,18 @@ class SourceResource(ResourceBase):
                 return reply
             log.info("%s/%s: dropped a stale checksum reply (chunk %d)", self.name, link.name, reply.first)
 
+
+
+def _write_stat(dev_path: str) -> tuple[int, int]:
+    """(writes completed, milliseconds spent writing) of a block device, from its stat file in
+    sysfs (Documentation/block/stat.rst); (0, 0) if it cannot be read."""
+    try:
+        rdev = os.stat(dev_path).st_rdev
+        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/stat") as f:
+            fields = f.read().split()
+        return int(fields[4]), int(fields[7])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
 
 
 def check_generation(data: dict[str, Any]) -> str | None:

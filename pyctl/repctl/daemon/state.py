@@ -151,3 +151,5 @@ class Event(StrEnum):
     SPLIT_BRAIN = "split_brain"        # a peer's data diverged from ours: `peer`, `text`
     CONNECTION = "connection"          # a target's `connection` changed: `old`, `new`, `text`
     PROGRESS = "progress"              # a resync's progress: `done_bytes`, `total_bytes`, ...
+    RESYNC_QUEUED = "resync_queued"    # a resync waits for a slot: `position`, `text`
+    RESYNC_STARTED = "resync_started"  # a resync that waited got its slot: `waited_s`, `text`

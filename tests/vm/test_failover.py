@@ -370,7 +370,8 @@ def _sent_to(c: Pair, node: str) -> int:
 @pytest.mark.parametrize(("case", "policy", "alpha_n", "beta_n", "settled"), [
     # beta was promoted while alpha was down, wrote, was demoted; alpha comes back primary
     ("demoted", "discard-younger-primary", 50, 20, True),
-    ("demoted", "discard-zero-changes", 50, 0, True),
+    # (discard-zero-changes, the same resync with one side's changes empty, is host-tested:
+    # tests/host/test_failover.py; each case here costs about 75 s of CI)
     ("demoted", "discard-least-changes", 20, 50, False),
     # alpha, primary apart from beta, returns while beta is still primary
     ("returning", "discard-least-changes", 20, 50, True),

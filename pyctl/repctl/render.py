@@ -299,13 +299,19 @@ def status_rows(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+#: Why an async target fell behind into its bitmap (status's `behind_reason`), in words.
+_BEHIND = {"max_lag": "its backlog passed max_lag",
+           "ring_full": "the kernel's ring filled (ring_size)",
+           "sync_timeout": "a sync target did not answer within sync_timeout"}
+
 _COMPRESSION = {"compression", "compression_raw_bytes", "compression_wire_bytes",
                 "compression_skipped_bytes"}
 _KNOWN_RES = {"name", "role", "disk", "device", "kernel", "targets", "source", "connection",
               "state", "consistent", "bytes_received", "last_error", "size", *_COMPRESSION}
 _KNOWN_TARGET = {"name", "mode", "state", "connection", "address", "out_of_sync_bytes",
                  "bytes_sent", "resync_bytes", "lag_bytes", "lag_records", "sync", "last_error", "admin", "verify",
-                 "resync_queued", "resync_rate_bps", "resync_app_busy", *_COMPRESSION}
+                 "resync_queued", "resync_rate_bps", "resync_app_busy", "behind_reason",
+                 *_COMPRESSION}
 
 
 def _extra(d: Mapping[str, Any], known: set[str]) -> list[str]:
@@ -370,6 +376,8 @@ def status_details(status: Mapping[str, Any]) -> list[str]:
                 tparts.append(f"at {t['address']}")
             if isinstance(t.get("verify"), Mapping):
                 tparts.append(f"verifying: {verify_bar(t['verify']).detail}")
+            if t.get("behind_reason"):
+                tparts.append(f"fell behind: {_BEHIND.get(t['behind_reason'], t['behind_reason'])}")
             if t.get("resync_queued"):
                 tparts.append(f"resync waits for a slot: {t['resync_queued']} in the queue")
             if t.get("resync_rate_bps") is not None:

@@ -584,9 +584,25 @@ def test_an_async_target_past_max_lag_falls_behind(tmp_path: Path, ring_used: in
     res._cycle()
     assert link.joined is not behind
     assert link.join_wanted is behind
+    assert link.behind_reason == ("max_lag" if behind else None)  # status says which
     if behind:
         res._cycle()  # the next step readmits it from a new mark: a resync of its bitmap
         assert link.joined and link.join_pos == 11 and link.ack == 10
+
+
+def test_status_says_why_a_target_fell_behind() -> None:
+    """An async target in `behind` says whether its own backlog passed max_lag or the kernel's
+    whole ring stopped (status --json `behind_reason`, and the detail line)."""
+    from repctl import render
+
+    status = {"resources": [{"name": "r0", "role": "primary", "disk": "UpToDate", "targets": [
+        {"name": "beta", "mode": "async", "state": "behind", "behind_reason": "max_lag"},
+        {"name": "gamma", "mode": "async", "state": "behind", "behind_reason": "ring_full"},
+        {"name": "delta", "mode": "async", "state": "streaming", "behind_reason": None}]}]}
+    details = "\n".join(render.status_details(status))
+    assert "r0 -> beta: fell behind: its backlog passed max_lag" in details
+    assert "r0 -> gamma: fell behind: the kernel's ring filled (ring_size)" in details
+    assert "delta: fell" not in details and "behind_reason" not in details
 
 
 def test_connection_says_refused_only_for_a_refused_handshake(tmp_path: Path) -> None:

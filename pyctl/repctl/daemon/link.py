@@ -69,6 +69,9 @@ class Link:
         self.name = target.name
         self.mode = target.mode
         self.max_lag = target.max_lag or 0  # async: the backlog past which it falls behind
+        # why it last left the stream for its bitmap: "max_lag" (its own backlog), or the
+        # kernel's reason when the whole ring stopped ("ring_full", "sync_timeout", ...)
+        self.behind_reason: str | None = None
         self.compression = Codec[target.compression.name]  # offered at each handshake
         self.compression_level = target.compression_level or 0
         self.compression_stats = CompressionStats()  # of every connection, since the start
@@ -229,7 +232,8 @@ class Link:
                 "resync_bytes": self.resync_bytes, "lag_records": lag,
                 **self._compression_status(),
                 "lag_bytes": st.ring_used if lag and st is not None else 0, "sync": sync,
-                **self._resync_status(), "last_error": self.last_error}
+                **self._resync_status(), "last_error": self.last_error,
+                "behind_reason": self.behind_reason if self.state is LinkState.BEHIND else None}
 
     def _resync_status(self) -> dict[str, Any]:
         """The scheduler's fields of `status`: the resync's place in the queue for a slot (1:
@@ -567,8 +571,11 @@ class Link:
         self.sync_total, self.sync_done = pending * self.res.chunk_bytes, 0
         self.sync_started = self.progress_at = time.monotonic()
         if pending:
-            self.set_state(LinkState.BEHIND if self.state is LinkState.STREAMING
-                           else LinkState.SYNCING, f"{pending} chunks to resync")
+            behind = self.state is LinkState.STREAMING
+            why = f"{pending} chunks to resync"
+            if behind and self.behind_reason:
+                why += f"; fell behind: {self.behind_reason}"
+            self.set_state(LinkState.BEHIND if behind else LinkState.SYNCING, why)
         else:
             self._resync_done(conn, "nothing to resync")
 

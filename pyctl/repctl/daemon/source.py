@@ -483,6 +483,7 @@ class SourceResource(ResourceBase):
                 for link in links:
                     link.joined = False
                     link.join_wanted = link.join_wanted or link.conn is not None
+                    link.behind_reason = st.reason
             for link in links:
                 self._quiesce(link)  # no sender is still reading the old ring
             self.consumer.start_stream()
@@ -537,6 +538,7 @@ class SourceResource(ResourceBase):
                             st.ring_used, l.max_lag)
                 with self.lock:
                     l.joined = False
+                    l.behind_reason = "max_lag"
                 self.daemon.stats.target_fell_behind(self.name, l.name)
                 self._quiesce(l)  # its records in flight are sent before others may ack past them
                 self.join(l)

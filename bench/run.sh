@@ -16,6 +16,8 @@
 #   bench/cli_bench.py           how long repctl takes to start (--help, status) (with
 #                                --replicate-only too), docs/benchmarks.md "CLI start"
 # A first argument --target-only or --replicate-only runs one of the two.
+# A first argument --peers runs only bench/peers_bench.py ARGS (`make bench-peers`): repctl
+# against DRBD 8.4, md raid1 + nbd, dm-linear and the raw device, docs/benchmarks-peers.md.
 #
 # Exit status: non-zero when something failed (a device, fio, the consumer). A missed
 # performance aim is printed as MISSED but is not a failure.
@@ -32,6 +34,7 @@ which=both
 case "${1:-}" in
     --target-only) which=target; shift ;;
     --replicate-only) which=replicate; shift ;;
+    --peers) which=peers; shift ;;
 esac
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,10 +67,15 @@ for d in /dev/ram0 /dev/ram1; do
 done
 
 rc=0
-if [ "$which" != replicate ]; then
+if [ "$which" = peers ]; then
+    results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/peers
+    mkdir -p "$results"
+    "$py" bench/peers_bench.py --results "$results" "$@" || rc=$?
+fi
+if [ "$which" = both ] || [ "$which" = target ]; then
     "$py" bench/target_bench.py "$@" || rc=$?
 fi
-if [ "$which" != target ]; then
+if [ "$which" = both ] || [ "$which" = replicate ]; then
     results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/replicate
     mkdir -p "$results"
     "$py" bench/replicate_bench.py --results "$results" || rc=$?

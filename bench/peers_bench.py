@@ -482,15 +482,15 @@ class Peers:
         self.undo.append(("nbd-client -d", lambda: sh("nbd-client", "-d", NBD_DEV)))
         wait_until(lambda: rb.device_bytes(NBD_DEV) > 0, 30, f"{NBD_DEV} to have a size")
         sh("mdadm", "--zero-superblock", DATA, check=False)
-        # metadata 1.2 with 1 MiB before the data: room for a bitmap of 4 KiB chunks (1.0's
-        # room at the end takes only 64 KiB chunks and more on this size)
-        for chunk in dict.fromkeys((self.args.md_bitmap_chunk, "64K")):
+        # the finest bitmap mdadm takes: it gives an internal bitmap 4 KiB of room on a
+        # device of this size (super1.c, choose_bm_space), too little for 4 KiB chunks
+        for chunk in dict.fromkeys((self.args.md_bitmap_chunk, "8K", "16K", "32K", "64K")):
             p = sh("mdadm", "--create", MD_DEV, "--run", "--level=1", "--raid-devices=2",
                    "--metadata=1.2", "--data-offset=1M", "--bitmap=internal",
                    f"--bitmap-chunk={chunk}", DATA, "missing", check=False)
             if p.returncode == 0:
                 break
-            self.note(f"mdadm --create with bitmap chunk {chunk}: {p.stderr.strip()}")
+            say(f"mdadm --create with bitmap chunk {chunk}: {p.stderr.strip()}")
         else:
             raise BenchError("mdadm --create failed")
         self.undo.append(("mdadm --stop", lambda: (sh("mdadm", "--stop", MD_DEV),
@@ -498,6 +498,9 @@ class Peers:
                                                       check=False))))
         md_bytes = int(Path("/sys/block/md0/size").read_text()) * 512
         mdsys = Path("/sys/block/md0/md")
+        self.note(f"md's write-intent bitmap chunk: "
+                  f"{(mdsys / 'bitmap/chunksize').read_text().strip()} bytes (the finest "
+                  f"mdadm --create takes here); md0 is {md_bytes} bytes")
         say(f"md: {MD_DEV} {md_bytes >> 20} MiB of {self.size >> 20} (metadata 1.2, bitmap "
             f"chunk {(mdsys / 'bitmap/chunksize').read_text().strip()} bytes); sync speed "
             f"limits {Path('/proc/sys/dev/raid/speed_limit_min').read_text().strip()}-"
@@ -811,7 +814,7 @@ def _interrupted(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs of every figure (default 3)")
-    ap.add_argument("--runtime", type=float, default=4, help="seconds per fio job (default 4)")
+    ap.add_argument("--runtime", type=float, default=3, help="seconds per fio job (default 3)")
     ap.add_argument("--only", default=",".join(PEERS),
                     help=f"comma-separated set-ups, from {','.join(PEERS)} (default all)")
     ap.add_argument("--change", type=float, default=0.01,

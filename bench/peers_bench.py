@@ -762,8 +762,8 @@ def report(p: Peers, s: dict[str, Any], elapsed: float) -> list[str]:
         rows.append([f"  {name}", fmt(f["median"]), f"{fmt(f['min'])}-{fmt(f['max'])}",
                      fmt_ratio(f["median"], raw), fmt_ratio(f["median"], dd), v])
     ch = next((r["changed"] for r in s["resync"].values()), None)
-    rows.append([f"resync after {p.args.change * 100:g} % of 4 KiB blocks changed "
-                 "(bytes on the wire)", "", "", "vs changed", "vs DRBD", ""])
+    rows.append([f"resync, {p.args.change * 100:g} % of 4 KiB blocks changed (wire bytes)",
+                 "", "", "vs changed", "vs DRBD", ""])
     if ch:
         rows.append(["  bytes changed", fmt_bytes(ch), "", "1.00x", "", ""])
     dr = s["resync"].get("drbd", {}).get("median") if s["resync"].get("drbd") else None

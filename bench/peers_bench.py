@@ -219,7 +219,11 @@ class Peers:
             check()
         cpu = rb.CpuMeter(cpu_pids) if cpu_pids else None
         t0 = time.time()
-        figs = fio_block(dev, self.args.runtime, self.workdir)
+        profilers = self.start_profilers(setup, cpu_pids) if cpu_pids else []
+        try:
+            figs = fio_block(dev, self.args.runtime, self.workdir)
+        finally:
+            self.stop_profilers(setup, profilers)
         if setup.startswith("repctl") and self.rb.cluster is not None:
             ev = [e for e in self.rb.cluster.events_since("alpha", t0)
                   if e.get("what") == "fell_behind"
@@ -236,6 +240,48 @@ class Peers:
             f"{figs['seq1m']['mb_s']:7.1f} MB/s  {figs['rand4k']['iops']:7.0f} IOPS  "
             f"{figs['lat4k']['lat_us']:7.1f} us"
             + (f"  ({rb.fmt_cpu(self.cpu[setup][-1])})" if cpu else ""))
+
+    # -- --profile: py-spy on the daemons, perf on the whole guest, during a repctl fio block
+    def start_profilers(self, setup: str, pids: dict[str, int]) -> list[tuple[str, Any]]:
+        if not self.args.profile:
+            return []
+        n = len(self.fio[setup]) + 1
+        out = self.results / "profile"
+        out.mkdir(exist_ok=True)
+        secs = str(int(self.args.runtime * len(TESTS) + 8))
+        procs: list[tuple[str, Any]] = []
+        spy = shutil.which("py-spy") or str(rb.REPO / ".venv" / "bin" / "py-spy")
+        if Path(spy).exists():
+            for node, pid in pids.items():
+                procs.append(("py-spy", subprocess.Popen(
+                    [spy, "record", "--pid", str(pid), "--duration", secs, "--rate", "250",
+                     "--idle", "--threads", "--format", "raw", "--nonblocking",
+                     "--output", str(out / f"pyspy-{setup}-{n}-{node}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=open(out / f"pyspy-{node}.log", "a"))))
+        if shutil.which("perf"):
+            procs.append(("perf", subprocess.Popen(
+                ["perf", "record", "-a", "-g", "-e", "cpu-clock", "-F", "499",
+                 "-o", str(out / f"perf-{setup}-{n}.data"), "--", "sleep", secs],
+                stdout=subprocess.DEVNULL, stderr=open(out / "perf.log", "a"))))
+        time.sleep(2)  # attached before fio starts
+        return procs
+
+    def stop_profilers(self, setup: str, procs: list[tuple[str, Any]]) -> None:
+        n = len(self.fio[setup]) + 1
+        out = self.results / "profile"
+        for name, p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+                p.wait(30)
+            if name == "perf":
+                data = out / f"perf-{setup}-{n}.data"
+                rep = sh("perf", "report", "-i", str(data), "--stdio", "--no-children",
+                         "--sort", "comm,dso,sym", "-g", "none", "--percent-limit", "0.5",
+                         check=False, timeout=300)
+                (out / f"perf-{setup}-{n}.txt").write_text(rep.stdout + rep.stderr)
+                data.unlink(missing_ok=True)
 
     # -- base: raw device and dm-linear, interleaved
     def base(self) -> None:
@@ -636,6 +682,7 @@ class Peers:
                "environment": tb.environment(), "machine": machine(),
                "config": {"runs": a.runs, "runtime_s": a.runtime, "change": a.change,
                           "md_bitmap_chunk": a.md_bitmap_chunk, "only": a.only,
+                          "profile": a.profile,
                           "device_bytes": self.size},
                "summary": summary, "fio": self.fio, "syncs": self.syncs,
                "resyncs": self.resyncs, "cpu": self.cpu, "notes": self.notes,
@@ -819,6 +866,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated set-ups, from {','.join(PEERS)} (default all)")
     ap.add_argument("--change", type=float, default=0.01,
                     help="fraction of 4 KiB blocks changed while disconnected (default 0.01)")
+    ap.add_argument("--profile", action="store_true",
+                    help="during the repctl fio runs: py-spy record of both daemons (raw "
+                         "collapsed stacks, idle threads included) and perf record -a; in "
+                         "RESULTS/profile/")
     ap.add_argument("--md-bitmap-chunk", default="4K",
                     help="md's write-intent bitmap chunk (default 4K: DRBD's and repctl's "
                          "granularity)")

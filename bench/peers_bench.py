@@ -192,6 +192,7 @@ class Peers:
         self.notes: list[str] = []
         self.undo: list[tuple[str, Callable[[], None]]] = []
         self.failed: list[str] = []
+        self.profiled: dict[str, dict[str, dict[str, float]]] = {}
         self.peer_s: dict[str, float] = {}
         self.size = 0
 
@@ -210,7 +211,7 @@ class Peers:
         return problems
 
     def measure(self, setup: str, dev: str, check: Callable[[], None] | None = None,
-                cpu_pids: dict[str, int] | None = None) -> None:
+                cpu_pids: dict[str, int] | None = None, profiled: bool = False) -> None:
         """One fio block on dev as set-up `setup`; check() before and after (a peer that is
         not replicating gives no figure). For repctl, a run during which the target left
         streaming (fell behind into its bitmap) is noted: the writer's figure stands, but
@@ -219,7 +220,7 @@ class Peers:
             check()
         cpu = rb.CpuMeter(cpu_pids) if cpu_pids else None
         t0 = time.time()
-        profilers = self.start_profilers(setup, cpu_pids) if cpu_pids else []
+        profilers = self.start_profilers(setup, cpu_pids) if cpu_pids and profiled else []
         try:
             figs = fio_block(dev, self.args.runtime, self.workdir)
         finally:
@@ -232,9 +233,15 @@ class Peers:
                 self.note(f"{SETUPS[setup]} run {len(self.fio[setup]) + 1}: beta left "
                           f"streaming: {rb.state_events(ev[:4])}")
         if cpu:
-            self.cpu.setdefault(setup, []).append(cpu.stop())
+            self.cpu.setdefault(setup + (" (profiled)" if profiled else ""), []).append(
+                cpu.stop())
         if check:
             check()
+        if profiled:  # the profilers cost CPU: kept apart, not in the table
+            self.profiled[setup] = figs
+            say(f"{SETUPS[setup]:26} profiled run: {figs['seq1m']['mb_s']:7.1f} MB/s  "
+                f"{figs['rand4k']['iops']:7.0f} IOPS  {figs['lat4k']['lat_us']:7.1f} us")
+            return
         self.fio[setup].append(figs)
         say(f"{SETUPS[setup]:26} run {len(self.fio[setup])}: "
             f"{figs['seq1m']['mb_s']:7.1f} MB/s  {figs['rand4k']['iops']:7.0f} IOPS  "
@@ -245,7 +252,7 @@ class Peers:
     def start_profilers(self, setup: str, pids: dict[str, int]) -> list[tuple[str, Any]]:
         if not self.args.profile:
             return []
-        n = len(self.fio[setup]) + 1
+        n = "profiled"
         out = self.results / "profile"
         out.mkdir(exist_ok=True)
         secs = str(int(self.args.runtime * len(TESTS) + 8))
@@ -267,7 +274,7 @@ class Peers:
         return procs
 
     def stop_profilers(self, setup: str, procs: list[tuple[str, Any]]) -> None:
-        n = len(self.fio[setup]) + 1
+        n = "profiled"
         out = self.results / "profile"
         for name, p in procs:
             try:
@@ -595,6 +602,8 @@ class Peers:
 
         for _ in range(self.args.runs):
             self.measure("repctl-async", dev, converged, cpu_pids=c.pids)
+        if self.args.profile:
+            self.measure("repctl-async", dev, converged, cpu_pids=c.pids, profiled=True)
         for _ in range(self.args.runs):
             c.repctl("alpha", "disconnect", rb.RES, "beta")
             wait_until(lambda: c.link()["state"] == "disconnected", 30, "repctl disconnected")
@@ -613,6 +622,8 @@ class Peers:
         self.rb.restart_sync_mode()
         for _ in range(self.args.runs):
             self.measure("repctl-sync", dev, converged, cpu_pids=c.pids)
+        if self.args.profile:
+            self.measure("repctl-sync", dev, converged, cpu_pids=c.pids, profiled=True)
         self.rb.check(dev, TDATA, "repctl, at the end")
 
     # -- the plan
@@ -686,7 +697,7 @@ class Peers:
                           "device_bytes": self.size},
                "summary": summary, "fio": self.fio, "syncs": self.syncs,
                "resyncs": self.resyncs, "cpu": self.cpu, "notes": self.notes,
-               "seconds_per_setup": self.peer_s,
+               "seconds_per_setup": self.peer_s, "profiled_runs": self.profiled,
                "replicate": self.rb.out, "kernel_log": new[-200:], "failed": self.failed,
                "elapsed_s": elapsed}
         (self.results / "peers-results.json").write_text(
@@ -832,7 +843,14 @@ def report(p: Peers, s: dict[str, Any], elapsed: float) -> list[str]:
         lines += ["", "CPU seconds during the repctl fio runs (per process, median run):"]
         for k, runs in p.cpu.items():
             tops = sorted(runs, key=lambda c: c["wall_s"])[len(runs) // 2]
-            lines.append(f"  {SETUPS[k]}: " + rb.fmt_cpu(tops))
+            name, _, extra = k.partition(" ")
+            lines.append(f"  {SETUPS.get(name, name)}{' ' + extra if extra else ''}: "
+                         + rb.fmt_cpu(tops))
+    if p.profiled:
+        lines += ["", "Profiled runs (py-spy and perf attached; not in the table):"]
+        for k, figs in p.profiled.items():
+            lines.append(f"  {SETUPS[k]}: {figs['seq1m']['mb_s']:.1f} MB/s, "
+                         f"{figs['rand4k']['iops']:.0f} IOPS, {figs['lat4k']['lat_us']:.1f} us")
     if p.notes:
         lines += ["", "Notes:"] + [f"  {n}" for n in p.notes]
     return lines
@@ -867,9 +885,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--change", type=float, default=0.01,
                     help="fraction of 4 KiB blocks changed while disconnected (default 0.01)")
     ap.add_argument("--profile", action="store_true",
-                    help="during the repctl fio runs: py-spy record of both daemons (raw "
-                         "collapsed stacks, idle threads included) and perf record -a; in "
-                         "RESULTS/profile/")
+                    help="one more fio block each of repctl async and sync, not in the "
+                         "table, under py-spy record of both daemons (raw collapsed stacks, "
+                         "idle threads included) and perf record -a; in RESULTS/profile/")
     ap.add_argument("--md-bitmap-chunk", default="4K",
                     help="md's write-intent bitmap chunk (default 4K: DRBD's and repctl's "
                          "granularity)")

@@ -35,7 +35,8 @@ RESULTS := build/test-results
 .DEFAULT_GOAL := help
 # `make test` runs the host tier first, then the VM tier, also under -j.
 .NOTPARALLEL:
-.PHONY: help deps venv module test test-host test-vm test-cluster powercut soak demo bench bench-resync clean
+.PHONY: help deps venv module test test-host test-vm test-cluster powercut soak demo bench \
+	bench-resync bench-peers clean
 
 help:
 	@echo 'Targets:'
@@ -62,6 +63,9 @@ help:
 	@echo '  make demo       boot the VM and run the demo'
 	@echo '  make bench      boot the VM (4G) and run bench/run.sh'
 	@echo '  make bench-resync  boot the VM and run only bench/resync_bench.py'
+	@echo '  make bench-peers  not in CI: repctl against DRBD 8.4, md raid1 + nbd, dm-linear and'
+	@echo '                  the raw device in one VM run, one table (docs/benchmarks-peers.md);'
+	@echo '                  installs drbd-utils, nbd, mdadm first (as root); PEERS_ARGS="--runs 5"'
 	@echo '  make clean      remove build products (keeps .venv)'
 	@echo 'Details: docs/testing.md'
 
@@ -202,6 +206,14 @@ bench: venv
 # resync, without and with the resync rate controller (docs/wan.md, "Resync rate").
 bench-resync: venv
 	$(call vm_run,--bench -- --resync-only)
+
+# Not part of `make test` or CI: repctl against its peers (bench/peers_bench.py,
+# docs/benchmarks-peers.md). Installs the peers' userland first (as root), as test-cluster does.
+# Arguments for bench/peers_bench.py, e.g. PEERS_ARGS="--runs 5" or "--only base,drbd --runs 1".
+PEERS_ARGS ?=
+bench-peers: venv
+	@.ci/install-deps peers
+	$(call vm_run,--bench -- --peers $(PEERS_ARGS))
 
 clean:
 	@if [ -n "$(KVER)" ] && [ -d "$(KDIR)" ]; then $(MAKE) -C $(KDIR) M=$(CURDIR)/kmod clean; fi

@@ -20,6 +20,8 @@
 #                                rate"); only with --resync-only (make bench-resync)
 # A first argument --target-only or --replicate-only runs one of the two; --resync-only runs
 # the resync benchmark alone.
+# A first argument --peers runs only bench/peers_bench.py ARGS (`make bench-peers`): repctl
+# against DRBD 8.4, md raid1 + nbd, dm-linear and the raw device, docs/benchmarks-peers.md.
 #
 # Exit status: non-zero when something failed (a device, fio, the consumer). A missed
 # performance aim is printed as MISSED but is not a failure.
@@ -37,6 +39,7 @@ case "${1:-}" in
     --target-only) which=target; shift ;;
     --replicate-only) which=replicate; shift ;;
     --resync-only) which=resync; shift ;;
+    --peers) which=peers; shift ;;
 esac
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,6 +76,11 @@ if [ "$which" = resync ]; then
     results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/resync
     mkdir -p "$results"
     "$py" bench/resync_bench.py --results "$results" "$@" || rc=$?
+fi
+if [ "$which" = peers ]; then
+    results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/peers
+    mkdir -p "$results"
+    "$py" bench/peers_bench.py --results "$results" "$@" || rc=$?
 fi
 if [ "$which" = both ] || [ "$which" = target ]; then
     "$py" bench/target_bench.py "$@" || rc=$?

@@ -242,8 +242,9 @@ def test_pause_resume_sends_only_changed_chunks(cluster):
     chunks = sorted(rng.sample(range((SIZE_MB << 20) // CHUNK), 300))
     for ch in chunks:
         direct_write(c.dev, ch * CHUNK, rng.randbytes(CHUNK))
-    st = {t["name"]: t for t in c.status()["targets"]}
-    assert st["gamma"]["out_of_sync_bytes"] >= len(chunks) * CHUNK
+    # the engine takes the kernel's dirty bits into gamma's bitmap each CLEAN_INTERVAL (1 s)
+    wait_for(lambda: {t["name"]: t for t in c.status()["targets"]}["gamma"]["out_of_sync_bytes"]
+             >= len(chunks) * CHUNK, 30, "gamma's bitmap to hold the 300 chunks")
     assert c.digests()["gamma"] != c.digests()["alpha"]
     # --wait returns once gamma streams again, with no progress bar when not on a terminal
     out = c.repctl("alpha", "resume", "r0", "gamma", "--wait", "--timeout", "180")

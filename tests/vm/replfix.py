@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +59,28 @@ def make_repl(cleanup, loopdev, name: str = "r0", size_mb: int = 64, chunk_secto
     if register:
         cleanup.dm(name)
     return ReplDev(name, info.path, data, meta, sectors, chunk_sectors)
+
+
+def direct_write(path: str, offset: int, data: bytes, flags: int = 0) -> None:
+    """Write `data` at `offset` past the page cache (O_DIRECT, plus `flags`, e.g. O_SYNC)."""
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | flags)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def direct_read(path: str, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset`, read past the page cache (O_DIRECT)."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+    return bytes(buf)
 
 
 def sha256_of(path: str, length: int | None = None) -> str:

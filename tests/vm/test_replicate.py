@@ -9,7 +9,6 @@ read from alpha's veth counters.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import random
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from cluster import ROOT, config_text, wait_for, write_secret
 from repctl.errors import ReplError
-from replfix import sha256_of
+from replfix import direct_read, direct_write, sha256_of
 
 REPO = Path(__file__).resolve().parents[2]
 REPCTL = [str(REPO / ".venv" / "bin" / "repctl")]
@@ -185,26 +184,6 @@ def cluster():
 
 def fio(dev: str, *args: str, timeout: float = 300) -> None:
     sh("fio", "--name=w", "--output-format=terse", f"--filename={dev}", *args, timeout=timeout)
-
-
-def direct_write(path: str, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf.write(data)
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        os.pwritev(fd, [buf], offset)
-    finally:
-        os.close(fd)
-
-
-def direct_read(path: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        os.preadv(fd, [buf], offset)
-    finally:
-        os.close(fd)
-    return bytes(buf)
 
 
 def test_three_nodes_ext4_fio_and_verify(cluster):

@@ -24,7 +24,6 @@ generous deadline, so a slow emulated machine passes too. Traffic only inside th
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import random
 import shutil
@@ -38,7 +37,7 @@ import pytest
 
 from cluster import ROOT, config_text, wait_for, write_secret
 from conftest import run
-from replfix import sha256_of
+from replfix import direct_read, direct_write, sha256_of
 
 REPO = Path(__file__).resolve().parents[2]
 REPCTL = [str(REPO / ".venv" / "bin" / "repctl")]
@@ -84,26 +83,6 @@ def heal() -> None:
     for t, (dev_a, dev_t, _, _) in LINKS.items():
         run(["tc", "-n", NS["alpha"], "qdisc", "del", "dev", dev_a, "root"])
         run(["tc", "-n", NS[t], "qdisc", "del", "dev", dev_t, "root"])
-
-
-def direct_write(path: str, offset: int, data: bytes, flags: int = 0) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf.write(data)
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | flags)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-    finally:
-        os.close(fd)
-
-
-def direct_read(path: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        os.preadv(fd, [buf], offset)
-    finally:
-        os.close(fd)
-    return bytes(buf)
 
 
 class Wan:

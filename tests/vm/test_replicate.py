@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -488,13 +489,14 @@ def test_kill9_daemons_and_converge(cluster):
     c = cluster
     rng = random.Random(9)
     written = 48  # MiB: fio writes only there; a full resync would send all SIZE_MB
+    alpha_log = RESULTS / "daemon-alpha.log"
     for victim in ("alpha", "beta", "gamma"):
         writer = subprocess.Popen(["fio", "--name=w", "--output-format=terse", f"--filename={c.dev}",
                                    f"--size={written}M", "--rw=randwrite", "--bssplit=4k/70:64k/30",
                                    "--direct=1", "--time_based", "--runtime=5", "--fsync=32"],
                                   stdout=subprocess.DEVNULL)
         c.cleanup.process(writer)
-        before = {t["name"]: t["resync_bytes"] for t in c.status()["targets"]}
+        log_from = alpha_log.stat().st_size
         time.sleep(rng.uniform(0.5, 2.0))
         c.kill(victim)  # mid-stream (and, for a target, mid-resync of what it missed)
         time.sleep(rng.uniform(0.2, 1.0))
@@ -503,11 +505,16 @@ def test_kill9_daemons_and_converge(cluster):
         c.wait_converged(240)
         d = c.digests()
         assert d["alpha"] == d["beta"] == d["gamma"], (victim, d)
-        # no full resync: the bitmaps survived the kill (a restarted source counts from 0).
-        # Streamed records are not counted: how many fio writes in 5 s depends on the machine.
-        for t in c.status()["targets"]:
-            resynced = t["resync_bytes"] - (0 if victim == "alpha" else before[t["name"]])
-            assert resynced <= written << 20, (victim, t["name"], resynced)
+        # No full resync: the bitmaps survived the kill. Every resync that alpha started (after
+        # an admission, or after falling behind) covers fio's chunks only. The bytes resynced
+        # are no bound: a slow machine falls behind again and again under fio, and a chunk
+        # rewritten during its resync is sent again, as it must be.
+        with open(alpha_log, "rb") as f:
+            f.seek(log_from)
+            starts = [int(n) for n in re.findall(rb"new=\w+ text=(\d+) chunks to resync", f.read())]
+        if victim != "alpha":  # a restarted source may find every write still in the ring
+            assert starts, (victim, "no resync started: the test proved nothing")
+        assert max(starts) <= (written << 20) // CHUNK, (victim, starts)
 
 
 def test_refused_peers_write_nothing(cluster):

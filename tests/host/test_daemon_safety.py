@@ -277,6 +277,7 @@ class FakeConsumer:
     def __init__(self) -> None:
         self.closed = False
         self.cleaned: list[int] = []
+        self.released: list[int] = []
         self.st = SimpleNamespace(published=10, streaming=True, dirty_chunks=5, ring_used=0,
                                   ring_bytes=1 << 20, acked=0, stream_start=1, reason="",
                                   ring_end=11, events=1)
@@ -303,7 +304,7 @@ class FakeConsumer:
         self.st.acked = seq
 
     def release(self, seq: int) -> None:
-        pass
+        self.released.append(seq)
 
 
 def make_source(tmp: Path, **kw: Any) -> D.SourceResource:
@@ -350,6 +351,31 @@ def test_acks_within_what_was_sent_are_taken(tmp_path: Path) -> None:
     link.conn, link.sent_max = conn, 3  # type: ignore[assignment]
     link._receiver(conn)  # type: ignore[arg-type]
     assert (link.ack, link.durable) == (3, 3)
+
+
+def test_a_durable_ack_releases_the_sync_writers_from_the_receiver(tmp_path: Path) -> None:
+    """A sync writer completes on its target's durable ack, without waiting for the engine to
+    wake (which, here, never runs); a plain ack releases nothing (P2)."""
+    res = make_source(tmp_path)
+    link = res.link("beta")
+    conn = ScriptedConn([P.Ack(2), P.Ack(3, durable=True)])
+    link.conn, link.sent_max, link.joined = conn, 3, True  # type: ignore[assignment]
+    link._receiver(conn)  # type: ignore[arg-type]
+    assert res.consumer.released == [3]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode, joined", [("async", True), ("sync", False)])
+def test_only_a_joined_sync_target_releases_writers(tmp_path: Path, mode: str,
+                                                    joined: bool) -> None:
+    """An async target never delays nor releases a sync writer; a target out of the stream
+    (fell behind, disconnected) neither."""
+    res = make_source(tmp_path, target={"mode": mode})
+    link = res.link("beta")
+    conn = ScriptedConn([P.Ack(3, durable=True)])
+    link.conn, link.sent_max, link.joined = conn, 3, joined  # type: ignore[assignment]
+    link._receiver(conn)  # type: ignore[arg-type]
+    assert link.durable == 3
+    assert res.consumer.released == []  # type: ignore[attr-defined]
 
 
 def test_state_files_never_share_a_temporary_file(tmp_path: Path) -> None:

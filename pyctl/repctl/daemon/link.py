@@ -390,7 +390,10 @@ class Link:
                         if msg.durable:
                             self.durable = max(self.durable, msg.ring_seq)
                         self.cond.notify_all()
-                    self.res.engine_wake.set()
+                    if msg.durable and self.mode is TargetMode.SYNC:
+                        with contextlib.suppress(ReplError):  # the engine's cycle tries again
+                            self.res.release_sync()
+                    self.res.engine_wake.set()  # the ACK of ring space is the engine's
                     if msg.durable and self.latency is not None:
                         self._timed(msg.ring_seq)
                 elif isinstance(msg, P.Pong):
@@ -550,9 +553,12 @@ class Link:
             resynced = self._resync_step(conn, s)
             if resynced is _ENDED:
                 return _ENDED
-        if sent or (resynced is not None and not s.hold):
+        if (sent and (resynced is not None or self.mode is TargetMode.ASYNC)
+                or (resynced is not None and not s.hold)):
             return resynced or "sent records"
-        # nothing sent: wait for records, at most until the held resync may go on
+        # nothing sent, or a sync stream's records: wait for records (at once if more are
+        # published; a sync writer waits for its record, so the next turn's GET_STATE would
+        # most often find none), at most until the held resync may go on
         wait_ms = ASYNC_WAIT_MS if self.mode is TargetMode.ASYNC else 100
         if s.hold:
             wait_ms = max(1, min(wait_ms, round(s.hold * 1000)))
@@ -560,7 +566,7 @@ class Link:
             self.res.consumer.wait(max(self.pos - 1, 0), wait_ms, batch=ASYNC_BATCH)
         else:
             self.res.consumer.wait(max(self.pos - 1, 0), wait_ms)
-        return resynced or "idle"
+        return resynced or ("sent records" if sent else "idle")
 
     def _admitted(self, conn: P.FramedConnection, s: _Session) -> None:
         """Admitted (again) by the engine: stream from the admission's mark, resync the OOS."""

@@ -124,6 +124,7 @@ class SourceResource(ResourceBase):
         self.last_clean = 0.0
         self.sync_on = False
         self.released = 0
+        self.release_lock = threading.Lock()  # the engine's and the sync receivers' RELEASE
         self.verifying: dict[str, VerifyProgress] = {}  # target -> its running verify
         self.failed: str | None = None  # why the engine stopped for good (state `failed`)
         self.pending_clean: tuple[int, frozenset[str]] | None = None  # (mark, absorbed links)
@@ -362,6 +363,25 @@ class SourceResource(ResourceBase):
             link.join_wanted = False
         self.engine_wake.set()
 
+    def release_sync(self) -> bool:
+        """RELEASE the synchronous writers up to the lowest durable ack of the joined sync
+        targets (P2: a sync write completes once every joined sync target holds it durable);
+        True if the writers moved. The engine's cycle calls it, and so does a sync link's
+        receiver on each durable ack: a writer then does not wait for the engine to wake and
+        read the kernel's state first. RingError if the kernel refuses (a new ring started)."""
+        with self.lock:
+            durable = [l.durable for l in self.links.values()
+                       if l.joined and l.mode is TargetMode.SYNC]
+        if not durable:
+            return False
+        release = min(durable)
+        with self.release_lock:
+            if release <= self.released:
+                return False
+            self.consumer.release(release)
+            self.released = release
+        return True
+
     def _absorb(self, links: list[Link]) -> int:
         """MARK, then OR the kernel bitmap into each link's OOS and make it durable."""
         mark = self.consumer.mark()
@@ -512,12 +532,8 @@ class SourceResource(ResourceBase):
         acked = st.acked
         moved = False  # an ACK or RELEASE: the kernel's numbers changed since `st`
         try:
-            if sync_joined:
-                release = min(min(l.durable for l in sync_joined), st.published)
-                if release > self.released:
-                    self.consumer.release(release)
-                    self.released = release
-                    moved = True
+            if sync_joined and self.release_sync():
+                moved = True
             ack = min((l.durable if l.mode is TargetMode.SYNC else l.ack) for l in joined) \
                 if joined else st.published
             ack = min(ack, st.published)

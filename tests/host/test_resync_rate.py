@@ -35,7 +35,8 @@ KiB = 1 << 10
 
 
 def run(ctl: ResyncRate, steps: int, *, t0: float, fill: int = 0, app_bps: float = 0,
-        latency: float | None = None, send: bool = True) -> tuple[float, list[float]]:
+        latency: float | None = None, waiting: int = 0,
+        send: bool = True) -> tuple[float, list[float]]:
     """`steps` updates of `ctl`, STEP apart from `t0`; with `send`, each step the link sends
     what the rate allows in a step (and the network takes it: `fill` stays as given)."""
     rates = []
@@ -44,7 +45,8 @@ def run(ctl: ResyncRate, steps: int, *, t0: float, fill: int = 0, app_bps: float
         t += STEP
         if send:
             ctl.sent(int(ctl.rate * STEP), t)
-        rates.append(ctl.update(t, fill=fill, app_bps=app_bps, app_latency=latency))
+        rates.append(ctl.update(t, fill=fill, app_bps=app_bps, app_latency=latency,
+                                app_waiting=waiting))
     return t, rates
 
 
@@ -134,6 +136,19 @@ def test_the_resync_recovers_when_the_application_quietens() -> None:
     t, rates = run(ctl, 15, t0=t)
     assert not ctl.busy
     assert rates == sorted(rates) and rates[-1] == 64 * MiB, "back to max_rate within 1.5 s"
+
+
+def test_a_writer_starved_behind_the_resync_backs_it_off() -> None:
+    """A sync writer behind a link full of resync data completes a write or two a second:
+    8 KiB/s, below app_busy, and no latency in most steps. Its write in flight shows it."""
+    s = ResyncSettings(min_rate=2 * MiB, max_rate=100 * MiB, app_busy=64 * KiB)
+    ctl = ResyncRate(s, 0.0)
+    t, _ = run(ctl, 30, t0=0.0, app_bps=8 * KiB)
+    assert not ctl.busy and ctl.rate == 100 * MiB, "a starved writer shows no rate"
+    t, rates = run(ctl, 12, t0=t, app_bps=8 * KiB, waiting=1)
+    assert ctl.busy and rates[-1] == 2 * MiB
+    t, rates = run(ctl, 15, t0=t)
+    assert not ctl.busy and rates[-1] == 100 * MiB, "nothing waits: back to max_rate"
 
 
 def test_a_rising_application_latency_backs_the_resync_off() -> None:

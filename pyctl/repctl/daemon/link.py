@@ -699,9 +699,9 @@ class Link:
             self.pacer = ResyncRate(self.resync_settings, now)
         pacer = self.pacer
         if pacer.due(now):
-            app_bps, app_latency = self.res.app_load()
+            app_bps, app_latency, app_waiting = self.res.app_load()
             pacer.update(now, fill=_queued_bytes(conn), app_bps=app_bps,
-                         app_latency=app_latency)
+                         app_latency=app_latency, app_waiting=app_waiting)
         s.hold = max(pacer.delay(now), sched.peer_delay(self.name, now))
         return "resync paced" if s.hold > 0 else None
 

@@ -13,7 +13,11 @@ Every STEP (0.1 s) the link gives the controller three measurements:
 - `app_bps`: the application's write rate on the source, bytes per second (the kernel's
   `write_bytes` counter of the repl device, which counts every write the application makes);
 - `app_latency`: the application's mean write latency in seconds over the step (the device's
-  ``/sys/block/dm-N/stat``), or None where it is not known.
+  ``/sys/block/dm-N/stat``), or None where it is not known;
+- `app_waiting`: the application's writes in flight at the step (``/sys/block/dm-N/inflight``).
+  A writer that waits behind the resync (a synchronous target whose link is full of resync
+  data) completes a write or two a second: neither its rate nor a latency it rarely reports
+  shows it, its waiting writes do.
 
 and the controller computes a rate, in bytes per second:
 
@@ -27,8 +31,9 @@ and the controller computes a rate, in bytes per second:
     rate    = min(want, ceiling), clamped to [min_rate, max_rate]
 
 The application is *busy* when it writes at least `app_busy` bytes per second (DRBD's "application
-I/O detected"), or when its write latency is more than twice the lowest latency seen (a baseline
-that forgets slowly, 2 % a step, so that it follows a disk that got slower for good). So the
+I/O detected"), when it has writes in flight at the step, or when its write latency is more
+than twice the lowest latency seen (a baseline that forgets slowly, 2 % a step, so that it
+follows a disk that got slower for good). So the
 resync backs off to `min_rate` within a few steps of the application becoming busy, never below
 (a resync always finishes), and comes back to full speed within about a second of it becoming
 quiet. A short queue toward the peer keeps an async target's records from waiting behind resync
@@ -121,7 +126,7 @@ class ResyncRate:
         return now - self.at >= STEP
 
     def update(self, now: float, *, fill: int, app_bps: float,
-               app_latency: float | None = None) -> float:
+               app_latency: float | None = None, app_waiting: int = 0) -> float:
         """One step of the controller with this step's measurements; returns the new rate."""
         s = self.s
         dt = max(now - self.at, 1e-6)
@@ -134,7 +139,8 @@ class ResyncRate:
             # that it would take many steps to come down from)
             want = max(want, min(self.rate * GROW, 2 * self.drain + s.min_rate))
 
-        self.busy = app_bps >= s.app_busy or self._latency_high(app_latency)
+        self.busy = (app_bps >= s.app_busy or app_waiting > 0
+                     or self._latency_high(app_latency))
         if self.busy:
             self.ceiling = max(float(s.min_rate), min(self.ceiling, self.rate) * BACK_OFF)
         else:

@@ -132,7 +132,7 @@ class SourceResource(ResourceBase):
         self.load_lock = threading.Lock()
         self.load_at = 0.0
         self.load_counts = (0, 0, 0)  # (write_bytes, writes done, write ms) at load_at
-        self.load: tuple[float, float | None] = (0.0, None)
+        self.load: tuple[float, float | None, int] = (0.0, None, 0)
 
     def generations(self) -> P.Generations:
         return P.Generations(int(self.gen["current"]), tuple(self.gen.get("history", ())))
@@ -330,24 +330,26 @@ class SourceResource(ResourceBase):
             got += n
         return view
 
-    def app_load(self) -> tuple[float, float | None]:
+    def app_load(self) -> tuple[float, float | None, int]:
         """The application's writes since the last look, for the resync controllers
         (resyncrate.py): bytes per second (the kernel's write_bytes counter, every write made
-        through the device) and the mean write latency in seconds (the device's block stat
-        file; None when unknown or nothing completed). One look per STEP serves every link."""
+        through the device), the mean write latency in seconds (the device's block stat file;
+        None when unknown or nothing completed), and the writes in flight now (its `inflight`
+        file: a writer held back behind the resync completes little, and shows only there).
+        One look per STEP serves every link."""
         with self.load_lock:
             now = time.monotonic()
             if now - self.load_at < STEP:
                 return self.load
             wbytes = int(getattr(self.kernel_state(), "write_bytes", 0))
-            done, ticks = _write_stat(self.dev_path)
+            done, ticks, waiting = _write_stat(self.dev_path)
             if self.load_at:
                 dt = now - self.load_at
                 old_bytes, old_done, old_ticks = self.load_counts
                 bps = max(wbytes - old_bytes, 0) / dt
                 latency = ((ticks - old_ticks) / 1000 / (done - old_done)
                            if done > old_done and ticks >= old_ticks else None)
-                self.load = (bps, latency)
+                self.load = (bps, latency, waiting)
             self.load_at, self.load_counts = now, (wbytes, done, ticks)
             return self.load
 
@@ -759,16 +761,20 @@ class SourceResource(ResourceBase):
 
 
 
-def _write_stat(dev_path: str) -> tuple[int, int]:
-    """(writes completed, milliseconds spent writing) of a block device, from its stat file in
-    sysfs (Documentation/block/stat.rst); (0, 0) if it cannot be read."""
+def _write_stat(dev_path: str) -> tuple[int, int, int]:
+    """(writes completed, milliseconds spent writing, writes in flight now) of a block device,
+    from its `stat` and `inflight` files in sysfs (Documentation/block/stat.rst); zeros if
+    they cannot be read."""
     try:
         rdev = os.stat(dev_path).st_rdev
-        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/stat") as f:
+        sysfs = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+        with open(f"{sysfs}/stat") as f:
             fields = f.read().split()
-        return int(fields[4]), int(fields[7])
+        with open(f"{sysfs}/inflight") as f:
+            waiting = int(f.read().split()[1])
+        return int(fields[4]), int(fields[7]), waiting
     except (OSError, ValueError, IndexError):
-        return 0, 0
+        return 0, 0, 0
 
 
 def check_generation(data: dict[str, Any]) -> str | None:

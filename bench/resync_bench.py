@@ -9,6 +9,13 @@ one veth pair, real `repctl daemon` processes in each (bench/replicate_bench.py'
     /dev/ram0  source data (incompressible data first)     /dev/ram1  source metadata
     /dev/ram2  target data
 
+The link is shaped like a WAN link that the application's replication shares with the
+resync: netem on the source's end of the veth (--link, default `rate 100mbit`; "" for none).
+The target is synchronous (--mode, default sync): each application write waits for its
+record to cross that link, so a resync that fills the link makes the application wait behind
+megabytes of resync data. On RAM disks over a bare veth nothing is shared but the emulated
+CPUs, and the controller has nothing to protect (docs/wan.md gives such a run).
+
 The application is fio on /dev/mapper/r0: 4 KiB random writes, O_DIRECT, queue depth 1
 (psync), for --runtime seconds. Three runs, in one VM boot, printed side by side:
 
@@ -25,7 +32,7 @@ resyncs their duration (the daemon's own `syncing` -> `streaming` events) and wh
 replica ended identical (byte for byte, O_DIRECT). Absolute speeds under emulation mean
 nothing; the runs are comparable side by side.
 
-    resync_bench.py [--results DIR] [--runtime S]
+    resync_bench.py [--results DIR] [--runtime S] [--mode sync|async] [--link NETEM]
 """
 
 from __future__ import annotations
@@ -84,12 +91,13 @@ class ResyncBench(rb.Bench):
         """Both nodes' configs, with beta async and its `resync` mapping (None: defaults)."""
         c = self.cluster
         assert c is not None
-        c.write_config("async")
+        mode = self.args.mode
+        c.write_config(mode)
         if resync is not None:
             for node in c.ns:
                 text = c.cfg[node].read_text()
-                new = text.replace("beta: {mode: async}",
-                                   f"beta: {{mode: async, resync: {resync}}}")
+                new = text.replace(f"beta: {{mode: {mode}}}",
+                                   f"beta: {{mode: {mode}, resync: {resync}}}")
                 if new == text:
                     raise rb.BenchError("tests/vm/cluster.py's config_text changed: no target line")
                 c.cfg[node].write_text(new)
@@ -146,7 +154,8 @@ class ResyncBench(rb.Bench):
         seconds = ended[0]["time"] - began[0]["time"]
         converged = c.wait_converged()
         v1 = rb.veth_bytes()
-        r = {**app, "resync_s": seconds, "resync_mib_s": self.size / MiB / seconds,
+        behind = [e for e in c.events_since("alpha", t_start) if e.get("what") == "fell_behind"]
+        r = {**app, "resync_s": seconds, "fell_behind": len(behind), "resync_mib_s": self.size / MiB / seconds,
              "fio_during_resync": app["runtime_s"] <= seconds,
              "wire_mib": (v1["tx_bytes"] - v0["tx_bytes"]) / MiB,
              "converged_after_s": converged, "resync_config": resync or "defaults",
@@ -154,6 +163,14 @@ class ResyncBench(rb.Bench):
         say(f"{tag}: {app['iops']:.0f} IOPS, p50 {app['clat_ms_p50']:.2f} ms, p99 "
             f"{app['clat_ms_p99']:.2f} ms; resync {seconds:.1f} s")
         return r
+
+    def shape(self) -> None:
+        """netem on the source's end of the veth: the WAN link's rate (and delay, loss)."""
+        self.out["mode"], self.out["link"] = self.args.mode, self.args.link
+        if self.args.link:
+            rb.sh("modprobe", "sch_netem")
+            rb.sh("ip", "netns", "exec", rb.SRC_NS, "tc", "qdisc", "add", "dev", rb.SRC_IF,
+                  "root", "netem", *self.args.link.split())
 
     def idle_run(self, tag: str) -> dict[str, Any]:
         c = self.cluster
@@ -180,6 +197,7 @@ class ResyncBench(rb.Bench):
         rows.append(row("latency mean (ms)", "lat_ms_mean", ".3f"))
         rows.append(row("resync of 256 MiB (s)", "resync_s", ".1f"))
         rows.append(row("resync rate (MiB/s)", "resync_mib_s", ".1f"))
+        rows.append(row("fell_behind events", "fell_behind", "d"))
         return rows
 
     def run(self) -> int:
@@ -188,6 +206,7 @@ class ResyncBench(rb.Bench):
         try:
             self.preflight()
             self.make_net()
+            self.shape()
             self.fill()
             self.cluster = rb.Cluster(self.results, self.args.ring_size)
             self.runs["unlimited"] = self.resync_run("unlimited", UNLIMITED)
@@ -196,7 +215,8 @@ class ResyncBench(rb.Bench):
             self.runs["idle_after"] = self.idle_run("idle_after")  # the emulated VM drifts
             self.out["runs"] = self.runs
             lines = self.table()
-            say(f"fio {self.args.runtime:g} s per run, started as the resync begins:")
+            say(f"beta {self.args.mode}, link netem `{self.args.link or 'none'}`; fio "
+                f"{self.args.runtime:g} s per run, started as the resync begins:")
             for ln in lines:
                 print(ln, flush=True)
             for t in ("unlimited", "controlled"):
@@ -227,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--results", default="/tmp/resyncbench-results")
     ap.add_argument("--runtime", type=float, default=6, help="seconds of fio per run (6)")
+    ap.add_argument("--mode", choices=("sync", "async"), default="sync",
+                    help="beta's replication mode (sync: the application waits for the link)")
+    ap.add_argument("--link", default="rate 100mbit",
+                    help="netem arguments for the source's end of the link ('': not shaped)")
     return ResyncBench(ap.parse_args(argv)).run()
 
 

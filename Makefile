@@ -36,7 +36,7 @@ RESULTS := build/test-results
 # `make test` runs the host tier first, then the VM tier, also under -j.
 .NOTPARALLEL:
 .PHONY: help deps venv module test test-host test-vm test-cluster powercut soak demo bench \
-	bench-resync bench-peers clean
+	bench-resync bench-sync-cost bench-peers clean
 
 help:
 	@echo 'Targets:'
@@ -63,6 +63,7 @@ help:
 	@echo '  make demo       boot the VM and run the demo'
 	@echo '  make bench      boot the VM (4G) and run bench/run.sh'
 	@echo '  make bench-resync  boot the VM and run only bench/resync_bench.py'
+	@echo '  make bench-sync-cost  boot the VM and run only bench/sync_cost.py (CPU per sync write)'
 	@echo '  make bench-peers  not in CI: repctl against DRBD 8.4, md raid1 + nbd, dm-linear and'
 	@echo '                  the raw device in one VM run, one table (docs/benchmarks-peers.md);'
 	@echo '                  installs drbd-utils, nbd, mdadm first (as root); PEERS_ARGS="--runs 5"'
@@ -206,6 +207,13 @@ bench: venv
 # resync, without and with the resync rate controller (docs/wan.md, "Resync rate").
 bench-resync: venv
 	$(call vm_run,--bench -- --resync-only)
+
+# Only bench/sync_cost.py: the CPU each daemon spends per synchronous write, QD1 and QD16
+# (docs/benchmarks-peers.md, "What bounds repctl sync"). SYNC_COST_ARGS="--profile" adds a
+# cProfile of every daemon thread.
+SYNC_COST_ARGS ?=
+bench-sync-cost: venv
+	$(call vm_run,--bench -- --sync-cost-only $(SYNC_COST_ARGS))
 
 # Not part of `make test` or CI: repctl against its peers (bench/peers_bench.py,
 # docs/benchmarks-peers.md). Installs the peers' userland first (as root), as test-cluster does.

@@ -18,6 +18,9 @@
 #   bench/resync_bench.py        an application's QD1 4 KiB writes during a full resync, without
 #                                and with the resync rate controller (docs/wan.md, "Resync
 #                                rate"); only with --resync-only (make bench-resync)
+#   bench/sync_cost.py           each daemon's CPU per synchronous write (QD1, QD16), with
+#                                --profile a cProfile of every daemon thread; only with
+#                                --sync-cost-only (make bench-sync-cost)
 # A first argument --target-only or --replicate-only runs one of the two; --resync-only runs
 # the resync benchmark alone.
 # A first argument --peers runs only bench/peers_bench.py ARGS (`make bench-peers`): repctl
@@ -40,6 +43,7 @@ case "${1:-}" in
     --replicate-only) which=replicate; shift ;;
     --resync-only) which=resync; shift ;;
     --peers) which=peers; shift ;;
+    --sync-cost-only) which=synccost; shift ;;
 esac
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -72,6 +76,11 @@ for d in /dev/ram0 /dev/ram1; do
 done
 
 rc=0
+if [ "$which" = synccost ]; then
+    results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/sync-cost
+    mkdir -p "$results"
+    "$py" bench/sync_cost.py --results "$results" "$@" || rc=$?
+fi
 if [ "$which" = resync ]; then
     results=${REPCTL_VM_RESULTS:-/tmp/repctl-bench}/resync
     mkdir -p "$results"

@@ -162,16 +162,10 @@ def local_changes(state_dir: Path, meta: Path | None, peer: str, nr_chunks: int)
     nbytes = -(-nr_chunks // 8)
     full = (1 << nr_chunks) - 1
     bits = 0
-    try:
-        oos = (state_dir / f"{peer}.oos").read_bytes()
-        bits |= int.from_bytes(oos[:nbytes], "little")
-        if len(oos) * 8 < nr_chunks:
-            bits |= full & ~((1 << len(oos) * 8) - 1)  # chunks the file does not cover
-    except OSError as e:
-        log.warning("%s: no out-of-sync bitmap for %s (%s): every chunk may differ",
-                    state_dir.name, peer, e)
-        bits = full
-    if meta is not None and bits != full:
+    # The dirty bitmap first, then the OOS file: a running engine moves bits from the one to
+    # the other (it saves the OOS before it CLEANs), so a bit is always in one of the two
+    # reads; in the other order a CLEAN between the reads could hide it from both.
+    if meta is not None:
         try:
             _sb, dirty = metadata.read_bitmap(meta)
             bits |= int.from_bytes(dirty[:nbytes], "little")
@@ -180,5 +174,15 @@ def local_changes(state_dir: Path, meta: Path | None, peer: str, nr_chunks: int)
         except (OSError, ReplError) as e:
             log.warning("%s: cannot read the dirty bitmap on %s (%s): every chunk may differ",
                         state_dir.name, meta, e)
+            bits = full
+    if bits != full:
+        try:
+            oos = (state_dir / f"{peer}.oos").read_bytes()
+            bits |= int.from_bytes(oos[:nbytes], "little")
+            if len(oos) * 8 < nr_chunks:
+                bits |= full & ~((1 << len(oos) * 8) - 1)  # chunks the file does not cover
+        except OSError as e:
+            log.warning("%s: no out-of-sync bitmap for %s (%s): every chunk may differ",
+                        state_dir.name, peer, e)
             bits = full
     return (bits & full).to_bytes(nbytes, "little")

@@ -707,6 +707,27 @@ class Bench:
         mtu = json.loads(sh("ip", "-n", SRC_NS, "-j", "link", "show", SRC_IF).stdout)[0]["mtu"]
         self.out["link"] = {"type": "veth", "mtu": mtu, "src": SRC_IP, "dst": DST_IP}
 
+    def failed(self, e: Exception, say: Any) -> None:
+        """A bench's run ended on `e`: recorded in the JSON and said (a traceback unless it is
+        a BenchError, whose text says it all)."""
+        self.out["error"] = f"{type(e).__name__}: {e}"
+        if not isinstance(e, BenchError):
+            traceback.print_exc()
+        say(f"FAILED: {e}")
+
+    def finish(self, rc: int, t0: float, name: str, say: Any) -> int:
+        """The end of a bench's run: tear down (a problem fails the run), the wall time since
+        `t0`, self.out written to RESULTS/`name`; the exit status."""
+        problems = self.teardown()
+        for p in problems:
+            say(f"teardown: {p}")
+        rc = rc or (1 if problems else 0)
+        self.out["wall_s"] = time.monotonic() - t0
+        path = self.results / name
+        path.write_text(json.dumps(self.out, indent=1, default=str) + "\n")
+        say(f"results: {path}; {self.out['wall_s']:.0f} s; exit {rc}")
+        return rc
+
     def teardown(self) -> list[str]:
         problems = []
         if self.cluster is not None:

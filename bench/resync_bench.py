@@ -42,7 +42,6 @@ import json
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +154,8 @@ class ResyncBench(rb.Bench):
         converged = c.wait_converged()
         v1 = rb.veth_bytes()
         behind = [e for e in c.events_since("alpha", t_start) if e.get("what") == "fell_behind"]
-        r = {**app, "resync_s": seconds, "fell_behind": len(behind), "resync_mib_s": self.size / MiB / seconds,
+        r = {**app, "resync_s": seconds, "fell_behind": len(behind),
+             "resync_mib_s": self.size / MiB / seconds,
              "fio_during_resync": app["runtime_s"] <= seconds,
              "wire_mib": (v1["tx_bytes"] - v0["tx_bytes"]) / MiB,
              "converged_after_s": converged, "resync_config": resync or "defaults",
@@ -226,20 +226,9 @@ class ResyncBench(rb.Bench):
             (self.results / "resync-bench.txt").write_text("\n".join(lines) + "\n")
         except Exception as e:  # noqa: BLE001 (reported, exit 1)
             rc = 1
-            self.out["error"] = f"{type(e).__name__}: {e}"
-            if not isinstance(e, rb.BenchError):
-                traceback.print_exc()
-            say(f"FAILED: {e}")
+            self.failed(e, say)
         finally:
-            problems = self.teardown()
-            if problems:
-                rc = 1
-                for p in problems:
-                    say(f"teardown: {p}")
-            self.out["wall_s"] = time.monotonic() - t0
-            path = self.results / "resync-bench.json"
-            path.write_text(json.dumps(self.out, indent=1, default=str) + "\n")
-            say(f"results: {path}; {self.out['wall_s']:.0f} s; exit {rc}")
+            rc = self.finish(rc, t0, "resync-bench.json", say)
         return rc
 
 

@@ -27,14 +27,12 @@ down: the figures of a profiled job are printed apart, not compared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pstats
 import re
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -212,19 +210,9 @@ class SyncCost(rb.Bench):
                 (self.results / "sync-profile.txt").write_text("\n".join(report) + "\n")
         except Exception as e:  # noqa: BLE001 (reported, exit 1)
             rc = 1
-            self.out["error"] = f"{type(e).__name__}: {e}"
-            if not isinstance(e, rb.BenchError):
-                traceback.print_exc()
-            say(f"FAILED: {e}")
+            self.failed(e, say)
         finally:
-            problems = self.teardown()
-            for p in problems:
-                say(f"teardown: {p}")
-            rc = rc or (1 if problems else 0)
-            self.out["wall_s"] = time.monotonic() - t0
-            path = self.results / "sync-cost.json"
-            path.write_text(json.dumps(self.out, indent=1, default=str) + "\n")
-            say(f"results: {path}; {self.out['wall_s']:.0f} s; exit {rc}")
+            rc = self.finish(rc, t0, "sync-cost.json", say)
         return rc
 
 

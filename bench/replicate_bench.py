@@ -968,11 +968,11 @@ class Bench:
            "status=none", timeout=900)
         f["restore_s"] = time.monotonic() - t0
 
-    def restart_sync_mode(self) -> None:
+    def restart_sync_mode(self, mode: str = "sync") -> None:
         c = self.cluster
         assert c is not None
-        say("syncmode: config rewritten (beta: sync); both daemons restarted, state kept")
-        c.write_config("sync")
+        say(f"syncmode: config rewritten (beta: {mode}); both daemons restarted, state kept")
+        c.write_config(mode)
         t0 = time.time()
         v0 = veth_bytes()
         c.start("alpha", "beta")

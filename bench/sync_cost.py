@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-only
-"""What one synchronous write costs the two daemons: CPU per write, and where it goes.
+"""What one replicated write costs the two daemons: CPU per write, and where it goes.
 
 Runs INSIDE the test VM, as root, with dm-mod, kmod/dm-repl.ko and brd loaded: bench/run.sh
 --sync-cost-only (or `make bench-sync-cost`). replicate_bench's set-up (namespaces rb-src /
-rb-dst and their veth, /dev/ram0 -> /dev/ram2, the initial sync), then beta synchronous and,
-for each fio job (target_bench's lat4k: 4 KiB random writes at QD1; rand4k: the same at QD16):
+rb-dst and their veth, /dev/ram0 -> /dev/ram2, the initial sync), then beta synchronous (or
+asynchronous, --mode async) and, for each fio job (sync: target_bench's lat4k, 4 KiB random
+writes at QD1, and rand4k, the same at QD16; async: paced4k, rand4k held at 2,000 IOPS so
+that the link keeps up and every write is streamed, and rand4k):
 
     IOPS, mean latency, and each daemon's user and system CPU seconds over the job, per write
+
+The CPU is read once the link has caught up after the job (an async link sends its backlog
+after fio ends), and a job in which beta fell behind says so: its writes were tracked in the
+bitmap, not streamed one by one. An async link's CPU per streamed record bounds the rate it
+can carry: one vCPU's worth divided by it.
 
 A sync write's latency is a chain through two processes (alpha's link thread sends the record,
 beta's connection thread writes and flushes it and acknowledges, alpha's receiver releases
@@ -21,7 +28,7 @@ functions with their calls per write. A profile spans the daemons' whole life: t
 (imports, the handshake) is in it too, but costs nothing per write. cProfile slows the daemons
 down: the figures of a profiled job are printed apart, not compared.
 
-    sync_cost.py [--results DIR] [--runtime S] [--runs N] [--profile]
+    sync_cost.py [--results DIR] [--runtime S] [--runs N] [--mode sync|async] [--profile]
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import replicate_bench as rb  # noqa: E402  (sets the pycache prefix before repctl is imported)
 import target_bench as tb  # noqa: E402
 
-TESTS = ("lat4k", "rand4k")
+# fio jobs: target_bench's, and paced4k, 4 KiB QD16 held at a rate an async link keeps up
+# with here, so that every write is streamed (CPU per record, not per write tracked)
+JOBS = {"lat4k": tb.TESTS["lat4k"]["args"], "rand4k": tb.TESTS["rand4k"]["args"],
+        "paced4k": [*tb.TESTS["rand4k"]["args"], "--rate_iops=2000"]}
+TESTS = {"sync": ("lat4k", "rand4k"), "async": ("paced4k", "rand4k")}
 # calls that block (wait for the kernel, the peer or a wake-up): not CPU, left out of a
 # thread's busy time
 BLOCKING = re.compile(r"\{method '(poll|recv_into|_accept|acquire)'|\{built-in method "
@@ -77,7 +88,7 @@ def say(msg: str) -> None:
 
 
 def fio(dev: str, test: str, runtime: float, workdir: Path) -> dict[str, float]:
-    jobs = tb.fio(dev, [f"--name={test}", *tb.TESTS[test]["args"], f"--runtime={runtime:g}",
+    jobs = tb.fio(dev, [f"--name={test}", *JOBS[test], f"--runtime={runtime:g}",
                         "--time_based"], timeout=runtime * 4 + 180, cwd=workdir)
     f = tb.figures(jobs[0])
     f["ios"] = jobs[0]["write"]["total_ios"]
@@ -121,7 +132,8 @@ class SyncCost(rb.Bench):
         args.raw_server = args.raw_client = None
         super().__init__(args)
         self.out["bench"] = "sync_cost"
-        self.rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TESTS}
+        self.tests = TESTS[args.mode]
+        self.rows: dict[str, list[dict[str, Any]]] = {t: [] for t in self.tests}
         self.site = self.results / "site"
 
     def restart(self, profile_prefix: Path | None) -> None:
@@ -140,30 +152,37 @@ class SyncCost(rb.Bench):
         if profile_prefix is not None:
             rb.CHILD_ENV["PYTHONPATH"] = str(self.site)
             rb.CHILD_ENV["REPCTL_BENCH_PROFILE"] = str(profile_prefix)
-        self.restart_sync_mode()
+        self.restart_sync_mode(self.args.mode)
         c.wait_converged()
 
     def job(self, test: str, label: str) -> dict[str, Any]:
         c = self.cluster
         assert c is not None
         t0 = {n: cpu_times(p) for n, p in c.pids.items()}
+        w0 = time.time()
         f = fio(rb.DEV, test, self.args.runtime, self.results)
+        caught_up = c.wait_converged()  # an async link may still be sending the job's records
         t1 = {n: cpu_times(p) for n, p in c.pids.items()}
         ios = max(int(f["ios"]), 1)
-        r: dict[str, Any] = {"iops": f["iops"], "lat_us": f["lat_us"], "ios": ios}
+        behind = [e.get("text", "") for e in c.events_since("alpha", w0)
+                  if e.get("what") == "state" and e.get("new") == "behind"]
+        r: dict[str, Any] = {"iops": f["iops"], "lat_us": f["lat_us"], "ios": ios,
+                             "caught_up_s": caught_up, "fell_behind": behind}
         for n in t0:
             r[f"{n}_user_us"] = (t1[n][0] - t0[n][0]) * 1e6 / ios
             r[f"{n}_sys_us"] = (t1[n][1] - t0[n][1]) * 1e6 / ios
         say(f"{label:9} {test:7} {f['iops']:7.0f} IOPS  {f['lat_us']:8.0f} us  CPU per write: "
             + "  ".join(f"{n} {r[f'{n}_user_us']:.0f} user + {r[f'{n}_sys_us']:.0f} sys us"
-                        for n in t0))
+                        for n in t0)
+            + (f"  (fell behind: {behind[0]}; the CPU is not per streamed record)" if behind
+               else ""))
         return r
 
     def table(self) -> list[str]:
         head = (f"{'':8}{'IOPS':>8}{'lat us':>9}" + "".join(
             f"{n + ' ' + k + ' us/w':>17}" for n in ("alpha", "beta") for k in ("user", "sys")))
         lines = [head]
-        for test in TESTS:
+        for test in self.tests:
             runs = self.rows[test]
             if not runs:
                 continue
@@ -184,10 +203,10 @@ class SyncCost(rb.Bench):
             self.initial_sync()
             self.restart(None)
             for i in range(self.args.runs):
-                for test in TESTS:
+                for test in self.tests:
                     self.rows[test].append(self.job(test, f"run {i + 1}"))
             lines = self.table()
-            say(f"median of {self.args.runs} runs, fio {self.args.runtime:g} s per job, beta sync:")
+            say(f"median of {self.args.runs} runs, fio {self.args.runtime:g} s per job, beta {self.args.mode}:")
             for ln in lines:
                 print(ln, flush=True)
             (self.results / "sync-cost.txt").write_text("\n".join(lines) + "\n")
@@ -196,7 +215,7 @@ class SyncCost(rb.Bench):
                 self.site.mkdir(exist_ok=True)
                 (self.site / "sitecustomize.py").write_text(SITE)
                 report = []
-                for test in TESTS:
+                for test in self.tests:
                     prefix = self.results / f"profile-{test}"
                     self.restart(prefix)
                     pids = dict(self.cluster.pids)  # type: ignore[union-attr]
@@ -221,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="/tmp/synccost-results")
     ap.add_argument("--runtime", type=float, default=5, help="seconds per fio job (5)")
     ap.add_argument("--runs", type=int, default=2, help="runs of each job (2)")
+    ap.add_argument("--mode", choices=sorted(TESTS), default="sync",
+                    help="beta's mode (sync); async runs paced4k (every write streamed) and rand4k")
     ap.add_argument("--profile", action="store_true",
                     help="then one job each with cProfile in every daemon thread")
     return SyncCost(ap.parse_args(argv)).run()

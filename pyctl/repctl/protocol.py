@@ -17,7 +17,7 @@ Every frame is a fixed little-endian header followed by ``length`` payload bytes
          4    2 version   PROTOCOL_VERSION of the sender
          6    2 type      a FrameType
          8    4 flags     FLAG_MAC on every frame after the handshake, else 0; FLAG_COMPRESSED
-                          on a WRITE or RESYNC_CHUNK whose data is compressed (repctl.compress)
+                          on a RECORDS, WRITE or RESYNC_CHUNK compressed (repctl.compress)
         12    4 length    payload bytes that follow the header (at most MAX_PAYLOAD)
         16    8 seq       per-connection, per-direction frame number: 1, 2, 3, ...
         24    4 crc       zlib.crc32 of the header with this field zero, then of the payload;
@@ -29,15 +29,15 @@ per-frame key derived from the session's key for that direction (repctl.mac): fr
 nothing that the peer did not send is accepted, and the strict sequence numbers refuse replayed,
 dropped and reordered frames.
 
-A session may compress the data of its WRITE and RESYNC_CHUNK frames with the codec that the
+A session may compress the data of its RECORDS, WRITE and RESYNC_CHUNK frames with the codec that the
 handshake negotiated (HELLO's `compression`): the sender compresses each frame's data and sets
 FLAG_COMPRESSED, or sends it as it is when it does not compress to 7/8 or less; the tag covers the
 frame as sent (compressed), and the receiver decompresses only after the tag is verified, into
 at most the size the frame declares, then hands the plain payload to the decoders.
 
 Performance: `FramedConnection.send` takes the payload as several buffers and hands them to
-``socket.sendmsg`` with the header, so a WRITE's data (a memoryview of the kernel ring) is never
-copied; `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer. Over
+``socket.sendmsg`` with the header, so a large record's data (a memoryview of the kernel ring) is
+never copied (the source copies small ones into its RECORDS frame: fewer buffers to tag and send); `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer. Over
 TLS (repctl.tls, below the framing) there is no sendmsg: small pieces are gathered into one send.
 A session without compression pays one test per frame for it, nothing else.
 """
@@ -68,7 +68,8 @@ from repctl.mac import TAG_SIZE, FrameMac
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-PROTOCOL_VERSION = 3  # 2: OUT_OF_SYNC after every handshake; 3: compression (HELLO, a flag)
+PROTOCOL_VERSION = 4  # 2: OUT_OF_SYNC after every handshake; 3: compression (HELLO, a flag);
+                      # 4: RECORDS, the stream's records batched
 MAGIC = int.from_bytes(b"RPL1", "little")
 
 HEADER = struct.Struct("<IHHIIQII")  # magic, version, type, flags, length, seq, crc, reserved
@@ -115,6 +116,7 @@ class FrameType(IntEnum):
     FLUSH = 17
     DISCARD = 18
     WRITE_ZEROES = 19
+    RECORDS = 21  # consecutive records of any of the four ops in one frame (version 4 on)
     # target -> source
     ACK = 20
     # resync
@@ -217,9 +219,10 @@ _VERSIONLESS = frozenset({FrameType.HELLO, FrameType.REFUSE})
 
 # Frame types whose data a session may compress, and the size of the fixed head before their data
 # (a WRITE's record, a RESYNC_CHUNK's chunk index), which is never compressed.
-_COMPRESSIBLE = {FrameType.WRITE: RECORD.size, FrameType.RESYNC_CHUNK: 8}
+_COMPRESSIBLE = {FrameType.WRITE: RECORD.size, FrameType.RESYNC_CHUNK: 8, FrameType.RECORDS: 0}
 # A compressed RESYNC_CHUNK has, after its chunk index, the size of its data uncompressed (u32)
 # and a reserved u32 (0): the last chunk of a device may be short, so the size is not implied.
+# A compressed RECORDS frame starts with the same 8 bytes: its whole payload is compressed.
 _ZCHUNK = struct.Struct("<II")
 
 
@@ -429,13 +432,13 @@ class FramedConnection:
             joined = memoryview(b"".join(views))
             head, data = joined[:head_size], joined[head_size:]
         raw = data.nbytes
-        if not raw:
+        if not raw or raw > MAX_DATA:  # MAX_DATA: the most a receiver decompresses
             return 0, parts
         packed = self._compressor.compress(data)
         if not pays(raw, len(packed)):
             self.compression_stats.count(raw, raw, skipped=True)
             return 0, parts
-        if frame_type == FrameType.RESYNC_CHUNK:
+        if frame_type != FrameType.WRITE:  # RESYNC_CHUNK, RECORDS: the size is not implied
             size = _ZCHUNK.pack(raw, 0)
             self.compression_stats.count(raw, len(size) + len(packed), skipped=False)
             return FLAG_COMPRESSED, (head, size, packed)
@@ -612,7 +615,8 @@ class FramedConnection:
             raise ProtocolError(f"{what}: this session negotiated no compression")
         head_size = _COMPRESSIBLE.get(frame_type)
         if head_size is None:
-            raise ProtocolError(f"{what}: only WRITE and RESYNC_CHUNK frames may be compressed")
+            raise ProtocolError(f"{what}: only WRITE, RECORDS and RESYNC_CHUNK frames may be "
+                                "compressed")
         if frame_type is FrameType.WRITE:
             _need(wire, RECORD.size, what, exact=False)
             size = RECORD.unpack_from(wire)[2]
@@ -977,26 +981,74 @@ class Record(Message):
         name = frame_type.name
         _need(payload, RECORD.size, name, exact=False)
         ring_seq, sector, length, op, flags = RECORD.unpack_from(payload)
-        data = payload[RECORD.size :]
         if op != _FRAME_RECORD[frame_type]:
             raise ProtocolError(f"{name} frame carries a record with op {op}")
+        return cls._checked(name, ring_seq, sector, length, op, flags, payload[RECORD.size :])
+
+    @classmethod
+    def _checked(cls, name: str, ring_seq: int, sector: int, length: int, op: int, flags: int,
+                 data: memoryview) -> Record:
+        """The record of these fields, checked (`name`: the frame's, for the errors)."""
+        op = RecordOp(op)
         if flags & ~int(RecordFlags.FUA):
             raise ProtocolError(f"{name} record {ring_seq} has unknown flags {flags:#x}")
-        if frame_type is FrameType.WRITE:
+        if op is RecordOp.WRITE:
             if data.nbytes != length:
                 raise ProtocolError(
                     f"WRITE record {ring_seq} says {length} bytes but carries {data.nbytes}"
                 )
         elif data.nbytes:
             raise ProtocolError(f"{name} record {ring_seq} carries {data.nbytes} data bytes")
-        if frame_type is FrameType.FLUSH:
+        if op is RecordOp.FLUSH:
             if sector or length:
                 raise ProtocolError(f"FLUSH record {ring_seq} has a sector or a length")
         elif length == 0 or length % SECTOR_SIZE:
             raise ProtocolError(
-                f"{name} record {ring_seq} has length {length}, not a positive multiple of 512"
+                f"{op.name} record {ring_seq} has length {length}, not a positive multiple of 512"
             )
-        return cls(RecordOp(op), ring_seq, sector, length, RecordFlags(flags), data)
+        return cls(op, ring_seq, sector, length, RecordFlags(flags), data)
+
+
+@dataclass(frozen=True)
+class Records(Message):
+    """RECORDS (version 4 on): consecutive records of the ring in one frame, each its 24-byte
+    head (as in a WRITE, FLUSH, DISCARD or WRITE_ZEROES frame), then its data if it is a WRITE.
+
+    One header and one tag for the lot, where a frame per record cost both per record: the
+    source streams every record so (docs/protocol.md, "The stream").
+    """
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.RECORDS
+    records: tuple[Record, ...]
+
+    def encode(self) -> tuple[Buffer, ...]:
+        return tuple(part for r in self.records for part in r.encode())
+
+    @classmethod
+    def decode(cls, payload: memoryview, frame_type: FrameType = FrameType.RECORDS) -> Records:
+        records: list[Record] = []
+        pos, end = 0, payload.nbytes
+        if not end:
+            raise ProtocolError("RECORDS frame carries no record")
+        while pos < end:
+            if end - pos < RECORD.size:
+                raise ProtocolError(f"RECORDS frame ends inside a record head ({end - pos} bytes "
+                                    f"left of {RECORD.size})")
+            ring_seq, sector, length, op, flags = RECORD.unpack_from(payload, pos)
+            if op not in _RECORD_FRAME:
+                raise ProtocolError(f"RECORDS frame carries record {ring_seq} with unknown op {op}")
+            if records and ring_seq != records[-1].ring_seq + 1:
+                raise ProtocolError(f"RECORDS frame has record {ring_seq} after record "
+                                    f"{records[-1].ring_seq}: its records must be consecutive")
+            pos += RECORD.size
+            size = length if op == RecordOp.WRITE else 0
+            if end - pos < size:
+                raise ProtocolError(f"RECORDS frame ends inside WRITE record {ring_seq} "
+                                    f"({end - pos} of its {length} bytes)")
+            records.append(Record._checked("RECORDS", ring_seq, sector, length, op, flags,
+                                           payload[pos : pos + size]))
+            pos += size
+        return cls(tuple(records))
 
 
 def write_record(ring_seq: int, sector: int, data: Buffer, flags: RecordFlags = NO_FLAGS) -> Record:
@@ -1237,6 +1289,7 @@ _DECODERS: dict[FrameType, Callable[[memoryview, FrameType], Message]] = {
     FrameType.FLUSH: Record.decode,
     FrameType.DISCARD: Record.decode,
     FrameType.WRITE_ZEROES: Record.decode,
+    FrameType.RECORDS: Records.decode,
     FrameType.ACK: Ack.decode,
     FrameType.RESYNC_CHUNK: ResyncChunk.decode,
     FrameType.RESYNC_DONE: ResyncDone.decode,

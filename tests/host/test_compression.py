@@ -210,7 +210,7 @@ FORGED = [
     ("resync chunk too short for its size", C.Codec.ZSTD, P.FrameType.RESYNC_CHUNK,
      struct.pack("<Q", 0), P.FLAG_COMPRESSED, "expected at least 16"),
     ("a compressed PING", C.Codec.ZSTD, P.FrameType.PING, bytes(16), P.FLAG_COMPRESSED,
-     "only WRITE and RESYNC_CHUNK frames may be compressed"),
+     "only WRITE, RECORDS and RESYNC_CHUNK frames may be compressed"),
     ("compressed without a codec", C.Codec.NONE, P.FrameType.WRITE,
      WRITE_HEAD + zstd_frame(bytes(4096)), P.FLAG_COMPRESSED,
      "this session negotiated no compression"),
@@ -477,7 +477,7 @@ def test_a_peer_of_protocol_version_2_is_refused_with_the_reason() -> None:
         refusal = ca.recv_message()  # REFUSE's layout is every version's
         t.join(10)
     assert isinstance(refusal, P.Refuse) and refusal.reason == P.RefuseReason.VERSION
-    assert refusal.text == ("protocol version 2 is not supported (this side speaks 3): run one "
+    assert refusal.text == ("protocol version 2 is not supported (this side speaks 4): run one "
                             "repctl release on every node of the resource")
     assert isinstance(box["t"], HandshakeRefused)
 
@@ -564,19 +564,21 @@ def test_live_replication_compressed_is_byte_exact_and_counted(
     assert SIZE // 4 <= st["compression_skipped_bytes"] < SIZE // 2
     assert st["compression_wire_bytes"] < SIZE * 0.6
     before = dict(st)
-    # records: text, then random, then half-zero blocks
+    # records: text, then random, then half-zero blocks, each in a RECORDS frame of its own
+    # (a frame is compressed as a whole: the random one must not share one)
     noise = os.urandom(32 * CHUNK)
-    ring.write(8, text_like(64 * CHUNK, seed=3))
-    ring.write(2048, noise)
-    ring.write(4096, half_zero(16 * CHUNK))
-    until(lambda: link.durable >= ring.next_seq - 1, "beta to hold every record durable")
+    for sector, data in ((8, text_like(64 * CHUNK, seed=3)), (2048, noise),
+                         (4096, half_zero(16 * CHUNK))):
+        ring.write(sector, data)
+        until(lambda: link.durable >= ring.next_seq - 1, "beta to hold every record durable")
     assert images_equal(tmp_path)
     st = link.status()
     raw = st["compression_raw_bytes"] - before["compression_raw_bytes"]
     wire = st["compression_wire_bytes"] - before["compression_wire_bytes"]
     skipped = st["compression_skipped_bytes"] - before["compression_skipped_bytes"]
-    assert raw == (64 + 32 + 16) * CHUNK == st["bytes_sent"] - SIZE
-    assert skipped == len(noise)  # the random write went as it is
+    assert (64 + 32 + 16) * CHUNK == st["bytes_sent"] - SIZE
+    assert raw == (64 + 32 + 16) * CHUNK + 3 * P.RECORD.size  # the data and the 3 heads
+    assert skipped == len(noise) + P.RECORD.size  # the random write went as it is
     assert wire < raw * 0.75
     # the target counted what it received, the same
     r = replica.status()
@@ -692,3 +694,24 @@ def test_status_details_say_what_compression_saved() -> None:
     assert not [line for line in lines if "gamma" in line]  # nothing to say: no codec, no bytes
     assert "r0 -> delta: compression: 4.0 MiB as 2.0 MiB (50 %)" in lines  # not connected now
     assert "r1: compression lz4: 8.0 KiB as 4.0 KiB (50 %)" in lines
+
+
+def test_live_records_frame_with_one_bad_record_changes_nothing(
+        cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A RECORDS frame whose second record ends past the device: the target refuses the frame
+    and ends the connection before it applies the first record; the link then reconnects."""
+    _, link, ring, _, _ = cluster({"mode": "sync"})
+    ring.write(8, text_like(4 * CHUNK))
+    until(lambda: link.durable >= ring.next_seq - 1, "beta to hold the record durable")
+    conn, seq = link.conn, link.pos
+    assert conn is not None
+    good = P.write_record(seq, 0, b"\xee" * CHUNK)
+    bad = P.write_record(seq + 1, SIZE // P.SECTOR_SIZE - 1, b"\xee" * CHUNK)
+    with link.send_lock:
+        conn.send_message(P.Records((good, bad)))
+    until(lambda: link.conn is not conn, "the target to end the connection")
+    assert (tmp_path / "replica.img").read_bytes()[:CHUNK] != b"\xee" * CHUNK
+    assert f"record {seq + 1} ends at byte {SIZE + CHUNK - P.SECTOR_SIZE}, past the device" \
+        in caplog.text
+    until(lambda: link.state is LinkState.STREAMING, "beta to stream again")
+    until(lambda: images_equal(tmp_path), "the images to be equal")

@@ -100,7 +100,7 @@ def test_frame_type_numbers_are_fixed():
     # Changing one of these breaks every deployed peer: append, never renumber.
     assert {t.name: t.value for t in p.FrameType} == {
         "HELLO": 1, "CHALLENGE_RESPONSE": 2, "WELCOME": 3, "REFUSE": 4,
-        "WRITE": 16, "FLUSH": 17, "DISCARD": 18, "WRITE_ZEROES": 19, "ACK": 20,
+        "WRITE": 16, "FLUSH": 17, "DISCARD": 18, "WRITE_ZEROES": 19, "ACK": 20, "RECORDS": 21,
         "RESYNC_CHUNK": 32, "RESYNC_DONE": 33, "CSUM_REQUEST": 34, "CSUM_REPLY": 35, "OUT_OF_SYNC": 36,
         "PAUSE": 48, "RESUME": 49, "PING": 50, "PONG": 51, "ERROR": 63,
     }  # fmt: skip
@@ -145,6 +145,9 @@ EVERY_MESSAGE: list[p.Message] = [
     p.Record(p.RecordOp.FLUSH, 42),
     p.Record(p.RecordOp.DISCARD, 43, 8, 1 << 20),
     p.Record(p.RecordOp.WRITE_ZEROES, 44, 16, 4096),
+    p.Records((p.write_record(45, 8, b"\x5a" * 4096), p.Record(p.RecordOp.FLUSH, 46),
+               p.Record(p.RecordOp.DISCARD, 47, 8, 4096),
+               p.write_record(48, 0, b"\xa5" * 512, p.RecordFlags.FUA))),
     p.Ack(44, durable=True),
     p.ResyncChunk(12345, b"\xab" * 65536),
     p.ResyncDone(99),
@@ -208,6 +211,21 @@ def test_recv_reads_into_the_given_buffer(pair):
         (p.FrameType.FLUSH, p.RECORD.pack(1, 5, 0, 2, 0), "sector or a length"),
         (p.FrameType.DISCARD, p.RECORD.pack(1, 0, 512, 3, 0) + b"x", "carries 1 data bytes"),
         (p.FrameType.WRITE, b"short", "expected at least 24"),
+        # RECORDS: every record checked as in a frame of its own, and consecutive
+        (p.FrameType.RECORDS, b"", "carries no record"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 0, 2, 0) + b"x" * 10, "inside a record head"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 4096, 1, 0) + b"x" * 100,
+         "inside WRITE record 1 (100 of its 4096 bytes)"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 0, 2, 0) + p.RECORD.pack(3, 0, 0, 2, 0),
+         "record 3 after record 1: its records must be consecutive"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 0, 2, 0) + p.RECORD.pack(1, 0, 0, 2, 0),
+         "record 1 after record 1"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 0, 2, 0) + p.RECORD.pack(2, 0, 512, 9, 0),
+         "record 2 with unknown op 9"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 512, 1, 8) + b"x" * 512, "unknown flags"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 5, 0, 2, 0), "sector or a length"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 100, 1, 0) + b"x" * 100, "multiple of 512"),
+        (p.FrameType.RECORDS, p.RECORD.pack(1, 0, 0, 3, 0), "DISCARD record 1 has length 0"),
         (p.FrameType.ACK, struct.pack("<QII", 1, 2, 0), "unknown flags"),
         (p.FrameType.WELCOME, b"x", "WELCOME payload has 1 bytes, expected 0"),
         (p.FrameType.CHALLENGE_RESPONSE, b"x" * 31, "expected 32"),
@@ -312,7 +330,8 @@ def test_bad_magic(pair):
 
 def test_other_version(pair):
     error = forged(pair, raw_frame(p.FrameType.PING, 1, bytes(16), version=2))
-    assert "unsupported protocol version 2 in frame 1 (this side speaks 3)" in str(error)
+    assert ("unsupported protocol version 2 in frame 1 "
+            f"(this side speaks {p.PROTOCOL_VERSION})") in str(error)
 
 
 def test_unknown_header_flags(pair):
@@ -644,14 +663,16 @@ def test_other_protocol_version_is_refused():
     with a, b:
         tgt = in_thread(lambda: p.handshake(cb, info("beta", p.Role.TARGET), SECRET,
                                             p.Expect(frozenset({"alpha"}))))  # fmt: skip
-        future_hello = struct.pack("<H", 4) + b"whatever version 4 puts here"
-        a.sendall(raw_frame(p.FrameType.HELLO, 1, future_hello, version=4))
+        future = p.PROTOCOL_VERSION + 1
+        future_hello = struct.pack("<H", future) + b"whatever a later version puts here"
+        a.sendall(raw_frame(p.FrameType.HELLO, 1, future_hello, version=future))
         refusal = ca.recv_message()
         a.close()
         err = tgt()
     assert isinstance(refusal, p.Refuse) and refusal.reason == p.RefuseReason.VERSION
     assert isinstance(err, HandshakeRefused)
-    assert "protocol version 4 is not supported (this side speaks 3)" in str(err)
+    assert (f"protocol version {p.PROTOCOL_VERSION + 1} is not supported "
+            f"(this side speaks {p.PROTOCOL_VERSION})") in str(err)
 
 
 def test_unexpected_frame_in_the_handshake_is_a_protocol_error():

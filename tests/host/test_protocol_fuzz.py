@@ -24,6 +24,7 @@ Socketpairs and threads only, no network.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -123,6 +124,17 @@ MESSAGES: dict[p.FrameType, st.SearchStrategy[p.Message]] = {
     p.FrameType.WRITE_ZEROES: st.builds(
         p.Record, st.just(p.RecordOp.WRITE_ZEROES), u64, u64, record_lengths, record_flags
     ),
+    p.FrameType.RECORDS: st.tuples(
+        st.integers(0, 2**64 - 9),
+        st.lists(st.one_of(
+            st.builds(lambda seq, sec, d, f: p.write_record(seq, sec, d, f),
+                      st.just(0), u64, sectors_of_data, record_flags),
+            st.builds(p.Record, st.just(p.RecordOp.FLUSH), st.just(0), flags=record_flags),
+            st.builds(p.Record, st.sampled_from([p.RecordOp.DISCARD, p.RecordOp.WRITE_ZEROES]),
+                      st.just(0), u64, record_lengths, record_flags),
+        ), min_size=1, max_size=4),
+    ).map(lambda t: p.Records(tuple(dataclasses.replace(r, ring_seq=t[0] + i)
+                                    for i, r in enumerate(t[1])))),
     p.FrameType.ACK: st.builds(p.Ack, u64, st.booleans()),
     p.FrameType.RESYNC_CHUNK: st.builds(p.ResyncChunk, u64, sectors_of_data),
     p.FrameType.RESYNC_DONE: st.builds(p.ResyncDone, u64),

@@ -50,6 +50,9 @@ SHORT_SESSION = 10.0      # seconds: a session that ended sooner delays the next
 SESSION_RETRY_MAX = 10.0  # ... by 1 s, doubling while they keep ending so, up to this
 SPLIT_BRAIN_RETRY = 5.0  # seconds between tries while a split brain refuses (each reads a report)
 FAILED_RETRY = 5.0       # seconds before a link that hit an internal error tries again
+RECORDS_BYTES = 1 << 20  # a RECORDS frame holds records up to this size (one more if larger) ...
+COPY_MAX = 16 << 10      # ... and copies a WRITE's data up to this size from the ring into one
+                         # buffer: the tag and sendmsg then take a few buffers, not two a record
 UNACKED_MAX = 4096       # sent batches a sync link times until their durable ack, at most
 PROGRESS_INTERVAL = 1.0  # seconds between a resync's progress events, at least
 
@@ -749,22 +752,40 @@ class Link:
         if self.pos < st.stream_start or not st.streaming and self.pos >= st.ring_end:
             return 0
         last = min(st.published, st.ring_end - 1)
-        frames = []
+        frames: list[tuple[int, list[Any]]] = []  # RECORDS frames: their parts
+        parts: list[Any] = []  # of the frame being filled: buffers of heads and small data ...
+        buf = bytearray()      # ... the one being filled
+        batch = 0              # bytes in the frame being filled
         n = 0
         size = 0
         seq = self.pos
+        pack, head = P.RECORD.pack, P.RECORD.size
         while seq <= last and n < 512 and size < (8 << 20):
             r = self.res.consumer.record(seq)
-            # a refused (unsupported) discard changed nothing: a flush keeps its seq
-            op = P.RecordOp.FLUSH if r.op == "noop" else P.RecordOp[r.op.upper()]
-            rec = P.Record(op, seq, r.sector if op != P.RecordOp.FLUSH else 0,
-                           r.length if op != P.RecordOp.FLUSH else 0,
-                           P.RecordFlags.FUA if r.fua else P.NO_FLAGS,
-                           r.data if op == P.RecordOp.WRITE else b"")
-            frames.append((rec.frame_type, rec.encode()))
-            size += len(r.data)
+            flags = P.RecordFlags.FUA if r.fua else P.NO_FLAGS
+            data: memoryview | bytes
+            if r.op == "write":
+                data = r.data
+                rec = pack(seq, r.sector, r.length, P.RecordOp.WRITE, flags)
+            else:  # a refused (unsupported) discard changed nothing: a flush keeps its seq
+                data = b""
+                rec = (pack(seq, 0, 0, P.RecordOp.FLUSH, flags) if r.op == "noop" else
+                       pack(seq, r.sector, r.length, P.RecordOp[r.op.upper()], flags))
+            if batch and batch + head + len(data) > RECORDS_BYTES:
+                frames.append((P.FrameType.RECORDS, [*parts, buf]))
+                parts, buf, batch = [], bytearray(), 0
+            buf += rec
+            if len(data) <= COPY_MAX:
+                buf += data
+            else:
+                parts += (buf, data)
+                buf = bytearray()
+            batch += head + len(data)
+            size += len(data)
             n += 1
             seq += 1
+        if batch:
+            frames.append((P.FrameType.RECORDS, [*parts, buf]))
         if frames:
             self.sent_max = seq - 1  # before: the target may ack the first frames at once
             if self.latency is not None:

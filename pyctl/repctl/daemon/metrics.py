@@ -138,8 +138,8 @@ def build(status: dict[str, Any], stats: Stats) -> list[Metric]:
                "target since the resource came up.", labels=TGT)
     t_resync = c("repctl_target_resync_sent_bytes", "Of repctl_target_sent_bytes_total, the "
                  "resync chunks.", labels=TGT)
-    t_comp_raw = c("repctl_target_compression_raw_bytes", "Data of records and resync chunks "
-                   "sent while a codec was negotiated with the target, before compression.",
+    t_comp_raw = c("repctl_target_compression_raw_bytes", "Records (data and heads) and resync "
+                   "chunks sent while a codec was negotiated with the target, before compression.",
                    labels=TGT)
     t_comp_wire = c("repctl_target_compression_wire_bytes", "What went on the wire for "
                     "repctl_target_compression_raw_bytes_total: compressed, or as it was where "

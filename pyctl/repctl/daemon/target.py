@@ -291,19 +291,23 @@ class TargetResource(ResourceBase):
                 conn.send_message(P.Ack(applied, durable=False))
             frame = conn.recv()
             msg = P.decode(frame.type, frame.payload)
-            if isinstance(msg, P.Record):
-                if msg.ring_seq <= applied:
-                    raise ProtocolError(f"record {msg.ring_seq} after record {applied}: "
+            if isinstance(msg, (P.Records, P.Record)):
+                records = msg.records if isinstance(msg, P.Records) else (msg,)
+                if records[0].ring_seq <= applied:
+                    raise ProtocolError(f"record {records[0].ring_seq} after record {applied}: "
                                         "records must come in ring order")
-                end = msg.sector * SECTOR + msg.length
-                if end > store.size:
-                    raise ProtocolError(f"record {msg.ring_seq} ends at byte {end}, past the device")
-                store.apply(msg.op.name.lower(), msg.sector, msg.length, msg.data,
-                            bool(msg.flags & P.RecordFlags.FUA))
-                self.bytes_received += msg.length if msg.op is P.RecordOp.WRITE else 0
-                applied = msg.ring_seq
+                for rec in records:  # consecutive (Records.decode): in order
+                    end = rec.sector * SECTOR + rec.length
+                    if end > store.size:
+                        raise ProtocolError(f"record {rec.ring_seq} ends at byte {end}, "
+                                            "past the device")
+                for rec in records:  # all checked first: a bad frame changes nothing
+                    store.apply(rec.op.name.lower(), rec.sector, rec.length, rec.data,
+                                bool(rec.flags & P.RecordFlags.FUA))
+                    self.bytes_received += rec.length if rec.op is P.RecordOp.WRITE else 0
+                    record_bytes += rec.length
+                applied = records[-1].ring_seq
                 dirty = True
-                record_bytes += msg.length
             elif isinstance(msg, P.ResyncChunk):
                 off = msg.chunk * chunk
                 data = memoryview(msg.data)

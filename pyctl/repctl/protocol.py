@@ -213,6 +213,8 @@ _RECORD_FRAME = {
     RecordOp.WRITE_ZEROES: FrameType.WRITE_ZEROES,
 }
 _FRAME_RECORD = {v: k for k, v in _RECORD_FRAME.items()}
+_RECORD_OPS = {int(op): op for op in RecordOp}
+_RECORD_FLAGS = {0: NO_FLAGS, int(RecordFlags.FUA): RecordFlags.FUA}
 
 # Frame types whose layout is frozen across versions: accepted whatever the header's version says.
 _VERSIONLESS = frozenset({FrameType.HELLO, FrameType.REFUSE})
@@ -989,8 +991,8 @@ class Record(Message):
     def _checked(cls, name: str, ring_seq: int, sector: int, length: int, op: int, flags: int,
                  data: memoryview) -> Record:
         """The record of these fields, checked (`name`: the frame's, for the errors)."""
-        op = RecordOp(op)
-        if flags & ~int(RecordFlags.FUA):
+        op = _RECORD_OPS[op]  # a dict, not RecordOp(op): a RECORDS frame checks thousands
+        if flags not in _RECORD_FLAGS:
             raise ProtocolError(f"{name} record {ring_seq} has unknown flags {flags:#x}")
         if op is RecordOp.WRITE:
             if data.nbytes != length:
@@ -1006,7 +1008,7 @@ class Record(Message):
             raise ProtocolError(
                 f"{op.name} record {ring_seq} has length {length}, not a positive multiple of 512"
             )
-        return cls(op, ring_seq, sector, length, RecordFlags(flags), data)
+        return cls(op, ring_seq, sector, length, _RECORD_FLAGS[flags], data)
 
 
 @dataclass(frozen=True)
@@ -1035,7 +1037,7 @@ class Records(Message):
                 raise ProtocolError(f"RECORDS frame ends inside a record head ({end - pos} bytes "
                                     f"left of {RECORD.size})")
             ring_seq, sector, length, op, flags = RECORD.unpack_from(payload, pos)
-            if op not in _RECORD_FRAME:
+            if op not in _RECORD_OPS:
                 raise ProtocolError(f"RECORDS frame carries record {ring_seq} with unknown op {op}")
             if records and ring_seq != records[-1].ring_seq + 1:
                 raise ProtocolError(f"RECORDS frame has record {ring_seq} after record "

@@ -11,9 +11,11 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from repctl import uapi
 from repctl.errors import ReplError
@@ -65,9 +67,9 @@ class State:
         return range(first, min(self.published + 1, self.ring_end))
 
 
-@dataclass(frozen=True)
-class Record:
-    """One ring record.  ``data`` is a read-only view into the ring, valid until acked."""
+class Record(NamedTuple):
+    """One ring record.  ``data`` is a read-only view into the ring, valid until acked.
+    (A named tuple: the source's sender makes one per record it streams.)"""
 
     seq: int
     sector: int
@@ -75,6 +77,16 @@ class Record:
     op: str
     fua: bool
     data: memoryview
+
+
+# struct repl_rec up to data_len, in one unpack where cffi reads a field at a time (the sender
+# reads every record so): the layout is checked against the UAPI header's at import
+_REC_FIELDS = ("seq", "sector", "len", "op", "flags", "data_off", "data_len")
+_REC = struct.Struct("=QQIHHQI")
+assert [(f.offset, ffi.sizeof(f.type)) for n, f in ffi.typeof("struct repl_rec").fields
+        if n in _REC_FIELDS] == [(0, 8), (8, 8), (16, 4), (20, 2), (22, 2), (24, 8), (32, 4)], \
+    "struct repl_rec changed: update _REC"
+_REC_SIZE = ffi.sizeof("struct repl_rec")
 
 
 def _device_numbers(device: str | Path) -> tuple[int, int]:
@@ -106,7 +118,6 @@ class Consumer:
             os.close(self.fd)
             raise
         self._view = memoryview(self._map)
-        self._descs = ffi.cast("struct repl_rec *", ffi.from_buffer(self._map))
 
     # -- plumbing ------------------------------------------------------
     def _ioctl(self, op: str, cmd: int, arg) -> None:
@@ -119,7 +130,6 @@ class Consumer:
         """Detach: the target falls behind into tracking mode."""
         if self.fd < 0:
             return
-        self._descs = None
         self._view.release()
         try:
             self._map.close()
@@ -161,12 +171,13 @@ class Consumer:
 
     def record(self, seq: int) -> Record:
         """The record ``seq``; only valid for a seq in ``State.readable()``."""
-        d = self._descs[seq % self.desc_count]
-        if d.seq != seq:
-            raise ReplError(f"ring slot for seq {seq} holds seq {d.seq}: not readable")
-        start = self.desc_bytes + d.data_off
-        return Record(seq=seq, sector=d.sector, length=d.len, op=uapi.OP_NAMES.get(d.op, str(d.op)),
-                      fua=bool(d.flags & uapi.REPL_REC_FUA), data=self._view[start:start + d.data_len])
+        held, sector, length, op, flags, data_off, data_len = _REC.unpack_from(
+            self._view, (seq % self.desc_count) * _REC_SIZE)
+        if held != seq:
+            raise ReplError(f"ring slot for seq {seq} holds seq {held}: not readable")
+        start = self.desc_bytes + data_off
+        return Record(seq, sector, length, uapi.OP_NAMES.get(op, str(op)),
+                      bool(flags & uapi.REPL_REC_FUA), self._view[start:start + data_len])
 
     def records(self, state: State | None = None) -> Iterator[Record]:
         """The readable records, in order."""

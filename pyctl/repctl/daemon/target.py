@@ -42,6 +42,7 @@ __all__ = ["TargetResource"]
 
 FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
 # a store that cannot take more data (ERROR NO_SPACE to the source); any other failure: IO_ERROR
+OP_NAMES = {op: op.name.lower() for op in P.RecordOp}  # as Store.apply takes them
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyncs it whole; "
@@ -257,6 +258,7 @@ class TargetResource(ResourceBase):
         self.in_sync = False  # until the primary says so: its report may still refuse us
         self._set_state(ReplicaState.STREAMING, f"source {info.node} connected")
         chunk = self.cfg.chunk_size
+        size = store.size  # an ioctl: read once a session (the handshake checked it)
         # ring sequence numbers belong to this connection: nothing of it is applied yet, and an
         # ack never speaks of records an earlier connection (or an earlier boot) sent
         applied = acked = durable = 0  # last record applied, acknowledged, acknowledged durable
@@ -298,11 +300,11 @@ class TargetResource(ResourceBase):
                                         "records must come in ring order")
                 for rec in records:  # consecutive (Records.decode): in order
                     end = rec.sector * SECTOR + rec.length
-                    if end > store.size:
+                    if end > size:
                         raise ProtocolError(f"record {rec.ring_seq} ends at byte {end}, "
                                             "past the device")
                 for rec in records:  # all checked first: a bad frame changes nothing
-                    store.apply(rec.op.name.lower(), rec.sector, rec.length, rec.data,
+                    store.apply(OP_NAMES[rec.op], rec.sector, rec.length, rec.data,
                                 bool(rec.flags & P.RecordFlags.FUA))
                     self.bytes_received += rec.length if rec.op is P.RecordOp.WRITE else 0
                     record_bytes += rec.length
@@ -311,7 +313,7 @@ class TargetResource(ResourceBase):
             elif isinstance(msg, P.ResyncChunk):
                 off = msg.chunk * chunk
                 data = memoryview(msg.data)
-                if off + data.nbytes > store.size:
+                if off + data.nbytes > size:
                     raise ProtocolError(f"resync chunk {msg.chunk} ends past the device")
                 if self.saved["consistent"]:
                     # a failing hook (e.g. a snapshot of the consistent copy first) ends the

@@ -715,3 +715,26 @@ def test_live_records_frame_with_one_bad_record_changes_nothing(
         in caplog.text
     until(lambda: link.state is LinkState.STREAMING, "beta to stream again")
     until(lambda: images_equal(tmp_path), "the images to be equal")
+
+
+def test_live_records_frame_passes_each_record_fua_to_the_store(
+        cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target reads each record's own FUA flag in a RECORDS frame (a FUA write is made
+    durable before it is acknowledged as durable)."""
+    _, link, ring, replica, _ = cluster({"mode": "async"})
+    until(lambda: replica.store is not None, "beta's store")
+    seen: list[tuple[int, bool]] = []
+    apply = type(replica.store).apply
+
+    def spy(self: Any, op: str, sector: int, length: int, data: Any, fua: bool) -> None:
+        seen.append((sector, fua))
+        apply(self, op, sector, length, data, fua)
+
+    monkeypatch.setattr(type(replica.store), "apply", spy)
+    conn, seq = link.conn, link.pos
+    assert conn is not None
+    with link.send_lock:
+        conn.send_message(P.Records((P.write_record(seq, 16, b"f" * CHUNK, P.RecordFlags.FUA),
+                                     P.write_record(seq + 1, 24, b"n" * CHUNK))))
+    until(lambda: len(seen) == 2, "beta to apply both records")
+    assert seen == [(16, True), (24, False)]

@@ -43,6 +43,7 @@ __all__ = ["TargetResource"]
 FLUSH_BYTES = 1 << 20    # a target makes its writes durable (and says so) at least this often
 # a store that cannot take more data (ERROR NO_SPACE to the source); any other failure: IO_ERROR
 OP_NAMES = {op: op.name.lower() for op in P.RecordOp}  # as Store.apply takes them
+FUA = int(P.RecordFlags.FUA)  # tested as an int: an IntFlag's & runs Python code per record
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 TARGET_STATE_ACTION = ("the copy is treated as inconsistent and the source resyncs it whole; "
@@ -305,7 +306,7 @@ class TargetResource(ResourceBase):
                                             "past the device")
                 for rec in records:  # all checked first: a bad frame changes nothing
                     store.apply(OP_NAMES[rec.op], rec.sector, rec.length, rec.data,
-                                bool(rec.flags & P.RecordFlags.FUA))
+                                bool(int(rec.flags) & FUA))
                     self.bytes_received += rec.length if rec.op is P.RecordOp.WRITE else 0
                     record_bytes += rec.length
                 applied = records[-1].ring_seq

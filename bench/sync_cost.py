@@ -26,7 +26,8 @@ the daemons' PYTHONPATH starts one per thread; each dumps its statistics when th
 exits), and the report gives, per thread, its time outside blocking calls and its top
 functions with their calls per write. A profile spans the daemons' whole life: their start
 (imports, the handshake) is in it too, but costs nothing per write. cProfile slows the daemons
-down: the figures of a profiled job are printed apart, not compared.
+down: the figures of a profiled job are printed apart, not compared. The initial sync runs
+profiled too, reported per MiB synced: what bounds it against a raw socket copy.
 
     sync_cost.py [--results DIR] [--runtime S] [--runs N] [--mode sync|async] [--profile]
 """
@@ -103,9 +104,10 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / hz, int(fields[12]) / hz
 
 
-def profile_report(prefix: Path, pids: dict[str, int], ios: int) -> list[str]:
-    """Per thread of each daemon: busy time (outside blocking calls) per write and its top
-    functions by own time, with their calls per write."""
+def profile_report(prefix: Path, pids: dict[str, int], ios: int,
+                   unit: str = "write") -> list[str]:
+    """Per thread of each daemon: busy time (outside blocking calls) per write (per `unit`:
+    `ios` of them) and its top functions by own time, with their calls per write."""
     lines = []
     for node, pid in pids.items():
         for path in sorted(prefix.parent.glob(f"{prefix.name}-{pid}-*.pstats")):
@@ -116,7 +118,7 @@ def profile_report(prefix: Path, pids: dict[str, int], ios: int) -> list[str]:
             if busy * 1e6 / max(ios, 1) < 50:
                 continue  # the control socket, the listener: nothing per write
             thread = path.stem.split(f"-{pid}-", 1)[1]
-            lines.append(f"  {node} {thread}: busy {busy * 1e6 / ios:.0f} us per write")
+            lines.append(f"  {node} {thread}: busy {busy * 1e6 / ios:.0f} us per {unit}")
             top = sorted(((tt, nc, fn) for fn, (cc, nc, tt, ct, callers) in rows.items()),
                          reverse=True)[:10]
             for tt, nc, fn in top:
@@ -200,8 +202,21 @@ class SyncCost(rb.Bench):
             self.preflight()
             self.make_net()
             self.fill()
+            if self.args.profile:  # the initial sync too: what bounds it against a raw copy
+                self.site.mkdir(exist_ok=True)
+                (self.site / "sitecustomize.py").write_text(SITE)
+                rb.CHILD_ENV["PYTHONPATH"] = str(self.site)
+                rb.CHILD_ENV["REPCTL_BENCH_PROFILE"] = str(self.results / "profile-initial")
             self.initial_sync()
+            pids = dict(self.cluster.pids)  # type: ignore[union-attr]
             self.restart(None)
+            if self.args.profile:
+                mib = self.size // rb.MiB
+                ph = self.out["phases"]["initial_sync"]
+                initial = [f"initial sync of {mib} MiB (profiled: {ph['mib_s']:.1f} MiB/s):",
+                           *profile_report(self.results / "profile-initial", pids, mib, "MiB")]
+                for ln in initial:
+                    print(ln, flush=True)
             for i in range(self.args.runs):
                 for test in self.tests:
                     self.rows[test].append(self.job(test, f"run {i + 1}"))
@@ -212,9 +227,7 @@ class SyncCost(rb.Bench):
             (self.results / "sync-cost.txt").write_text("\n".join(lines) + "\n")
             self.out["runs"] = self.rows
             if self.args.profile:
-                self.site.mkdir(exist_ok=True)
-                (self.site / "sitecustomize.py").write_text(SITE)
-                report = []
+                report = initial
                 for test in self.tests:
                     prefix = self.results / f"profile-{test}"
                     self.restart(prefix)

@@ -124,6 +124,19 @@ class FakeRing:
             self.cond.notify_all()
             return seq
 
+    def record_op(self, op: str, sector: int = 0, length: int = 0) -> int:
+        """A record without data ("flush", "discard", "write_zeroes", "noop"), with the range
+        the kernel's record holds (a flush's may be non-zero: the bio's sector)."""
+        with self.cond:
+            seq = self.next_seq
+            self.records[seq] = SimpleNamespace(seq=seq, sector=sector, length=length, op=op,
+                                                fua=False, data=memoryview(b""))
+            self.next_seq += 1
+            self.ring_end = self.next_seq
+            self._poll_state()
+            self.cond.notify_all()
+            return seq
+
     def fall_behind(self, reason: str) -> None:
         with self.cond:
             self.streaming, self.reason = False, reason

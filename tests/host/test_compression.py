@@ -738,3 +738,18 @@ def test_live_records_frame_passes_each_record_fua_to_the_store(
                                      P.write_record(seq + 1, 24, b"n" * CHUNK))))
     until(lambda: len(seen) == 2, "beta to apply both records")
     assert seen == [(16, True), (24, False)]
+
+
+def test_live_a_flush_record_goes_without_its_range(cluster: Any, tmp_path: Path) -> None:
+    """The kernel's record of an empty flush may hold the bio's sector: on the wire a FLUSH
+    has none (protocol.md), or the target refuses the frame and the connection ends. Found by
+    the VM tier (`FLUSH record 130 has a sector or a length`), between ext4's writes."""
+    _, link, ring, _, _ = cluster({"mode": "sync"})
+    conn = link.conn
+    ring.write(8, text_like(4 * CHUNK))
+    ring.record_op("flush", sector=2048, length=0)
+    ring.record_op("noop", sector=16, length=4096)  # a refused discard: sent as a flush
+    seq = ring.write(16, text_like(2 * CHUNK, seed=5))
+    until(lambda: link.durable >= seq, "beta to hold every record durable")
+    assert link.conn is conn, link.last_error  # the same connection: nothing was refused
+    assert images_equal(tmp_path)

@@ -767,10 +767,14 @@ class Link:
             if r.op == "write":
                 data = r.data
                 rec = pack(seq, r.sector, r.length, P.RecordOp.WRITE, flags)
-            else:  # a refused (unsupported) discard changed nothing: a flush keeps its seq
+            elif r.op in ("flush", "noop"):
+                # a flush has no range on the wire, whatever the kernel's record holds; a
+                # refused (unsupported) discard changed nothing: as a flush it keeps its seq
                 data = b""
-                rec = (pack(seq, 0, 0, P.RecordOp.FLUSH, flags) if r.op == "noop" else
-                       pack(seq, r.sector, r.length, P.RecordOp[r.op.upper()], flags))
+                rec = pack(seq, 0, 0, P.RecordOp.FLUSH, flags)
+            else:
+                data = b""
+                rec = pack(seq, r.sector, r.length, P.RecordOp[r.op.upper()], flags)
             if batch and batch + head + len(data) > RECORDS_BYTES:
                 frames.append((P.FrameType.RECORDS, [*parts, buf]))
                 parts, buf, batch = [], bytearray(), 0

@@ -29,15 +29,16 @@ per-frame key derived from the session's key for that direction (repctl.mac): fr
 nothing that the peer did not send is accepted, and the strict sequence numbers refuse replayed,
 dropped and reordered frames.
 
-A session may compress the data of its RECORDS, WRITE and RESYNC_CHUNK frames with the codec that the
-handshake negotiated (HELLO's `compression`): the sender compresses each frame's data and sets
-FLAG_COMPRESSED, or sends it as it is when it does not compress to 7/8 or less; the tag covers the
-frame as sent (compressed), and the receiver decompresses only after the tag is verified, into
+A session may compress the data of its RECORDS, WRITE and RESYNC_CHUNK frames with the codec
+that the handshake negotiated (HELLO's `compression`): the sender compresses each frame's data and
+sets FLAG_COMPRESSED, or sends it as it is when it does not compress to 7/8 or less; the tag covers
+the frame as sent (compressed), and the receiver decompresses only after the tag is verified, into
 at most the size the frame declares, then hands the plain payload to the decoders.
 
 Performance: `FramedConnection.send` takes the payload as several buffers and hands them to
 ``socket.sendmsg`` with the header, so a large record's data (a memoryview of the kernel ring) is
-never copied (the source copies small ones into its RECORDS frame: fewer buffers to tag and send); `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer. Over
+never copied (the source copies small ones into its RECORDS frame: fewer buffers to tag and
+send); `FramedConnection.recv` reads the payload with ``recv_into`` into one reused buffer. Over
 TLS (repctl.tls, below the framing) there is no sendmsg: small pieces are gathered into one send.
 A session without compression pays one test per frame for it, nothing else.
 """

@@ -53,6 +53,7 @@ FAILED_RETRY = 5.0       # seconds before a link that hit an internal error trie
 RECORDS_BYTES = 1 << 20  # a RECORDS frame holds records up to this size (one more if larger) ...
 COPY_MAX = 16 << 10      # ... and copies a WRITE's data up to this size from the ring into one
                          # buffer: the tag and sendmsg then take a few buffers, not two a record
+RING_OPS = {op.name.lower(): op for op in P.RecordOp}  # a ring record's op name -> the wire's
 UNACKED_MAX = 4096       # sent batches a sync link times until their durable ack, at most
 PROGRESS_INTERVAL = 1.0  # seconds between a resync's progress events, at least
 
@@ -763,18 +764,13 @@ class Link:
         while seq <= last and n < 512 and size < (8 << 20):
             r = self.res.consumer.record(seq)
             flags = P.RecordFlags.FUA if r.fua else P.NO_FLAGS
-            data: memoryview | bytes
-            if r.op == "write":
-                data = r.data
-                rec = pack(seq, r.sector, r.length, P.RecordOp.WRITE, flags)
-            elif r.op in ("flush", "noop"):
+            if r.op in ("flush", "noop"):
                 # a flush has no range on the wire, whatever the kernel's record holds; a
                 # refused (unsupported) discard changed nothing: as a flush it keeps its seq
-                data = b""
                 rec = pack(seq, 0, 0, P.RecordOp.FLUSH, flags)
             else:
-                data = b""
-                rec = pack(seq, r.sector, r.length, P.RecordOp[r.op.upper()], flags)
+                rec = pack(seq, r.sector, r.length, RING_OPS[r.op], flags)
+            data = r.data if r.op == "write" else b""
             if batch and batch + head + len(data) > RECORDS_BYTES:
                 frames.append((P.FrameType.RECORDS, [*parts, buf]))
                 parts, buf, batch = [], bytearray(), 0

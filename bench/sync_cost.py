@@ -152,10 +152,16 @@ class SyncCost(rb.Bench):
             dm.remove_device(rb.RES, retries=50)
         rb.CHILD_ENV.pop("PYTHONPATH", None)
         if profile_prefix is not None:
-            rb.CHILD_ENV["PYTHONPATH"] = str(self.site)
-            rb.CHILD_ENV["REPCTL_BENCH_PROFILE"] = str(profile_prefix)
+            self.profiled(profile_prefix)
         self.restart_sync_mode(self.args.mode)
         c.wait_converged()
+
+    def profiled(self, prefix: Path) -> None:
+        """The daemons started from now on run under cProfile, dumping to `prefix`-PID-THREAD."""
+        self.site.mkdir(exist_ok=True)
+        (self.site / "sitecustomize.py").write_text(SITE)
+        rb.CHILD_ENV["PYTHONPATH"] = str(self.site)
+        rb.CHILD_ENV["REPCTL_BENCH_PROFILE"] = str(prefix)
 
     def job(self, test: str, label: str) -> dict[str, Any]:
         c = self.cluster
@@ -203,10 +209,7 @@ class SyncCost(rb.Bench):
             self.make_net()
             self.fill()
             if self.args.profile:  # the initial sync too: what bounds it against a raw copy
-                self.site.mkdir(exist_ok=True)
-                (self.site / "sitecustomize.py").write_text(SITE)
-                rb.CHILD_ENV["PYTHONPATH"] = str(self.site)
-                rb.CHILD_ENV["REPCTL_BENCH_PROFILE"] = str(self.results / "profile-initial")
+                self.profiled(self.results / "profile-initial")
             self.initial_sync()
             pids = dict(self.cluster.pids)  # type: ignore[union-attr]
             self.restart(None)
